@@ -115,19 +115,26 @@ class RadialTensor:
         """Entries at ``m`` distinct neurons repeated ``pattern`` times: an ``(n,)*m`` array
         (entries where neurons coincide are not meaningful)."""
         m = len(pattern)
-        out_sub = _LETTERS[:m]
         if self.r == 0:
-            return jnp.einsum("".join(c * x for c, x in zip(out_sub, pattern)) + "->" + out_sub, self.core)
+            return _diagonal(self.core, [j for j, x in enumerate(pattern) for _ in range(x)], m, self.n)
         full = self.metric is not None and self.metric.ndim == 2
         diag = self._metric_diag()
         total = 0.0
         for coef, a, edges in dg.radial_slice_terms(tuple(pattern), self.r, full):
-            subs, ops = ["".join(c * x for c, x in zip(out_sub, a))], [self.core]
+            term = coef * _diagonal(self.core, [j for j, x in enumerate(a) for _ in range(x)], m, self.n)
             for j, l in edges:
-                subs.append(out_sub[j] if j == l else out_sub[j] + out_sub[l])
-                ops.append(diag if j == l else self.metric)
-            total = total + coef * jnp.einsum(",".join(subs) + "->" + out_sub, *ops)
-        return total
+                term = term * (_place(diag, (j,), m, self.n) if j == l else _place(self.metric, (j, l), m, self.n))
+            total = total + term
+        return jnp.broadcast_to(total, (self.n,) * m)
+
+
+def _diagonal(core: Array, slot_of_axis: Sequence[int], m: int, n: int) -> Array:
+    """``out[i_1..i_m] = core[i_{slot_of_axis[0]}, i_{slot_of_axis[1]}, ...]``, broadcast over the
+    slots no axis names: a generalized diagonal read by one gather (O(n^m), not O(n^ndim))."""
+    if not slot_of_axis:
+        return core
+    ar = jnp.arange(n)
+    return core[tuple(jnp.reshape(ar, [n if t == j else 1 for t in range(m)]) for j in slot_of_axis)]
 
 
 Tower = dict  # degree -> RadialTensor
@@ -280,14 +287,19 @@ class _NonlinearStep:
         corresponding generalized diagonal."""
         if d == 0:
             return get(())
-        eye, out = jnp.eye(self.n, dtype=self.mean.dtype), 0.0
-        for part in dg.set_partitions(d):
+        n, ar = self.n, jnp.arange(self.n)
+        flat_idx, vals = [], []
+        for part in dg.set_partitions(d)[1:]:  # the first is all singletons: the top slice itself
             blocks = sorted(part, key=len, reverse=True)
-            subs = ["".join(_LETTERS[b[0]] for b in blocks)]
-            subs += [_LETTERS[b[0]] + _LETTERS[p] for b in blocks for p in b[1:]]
-            ops = [get(tuple(len(b) for b in blocks))] + [eye] * (len(subs) - 1)
-            out = out + jnp.einsum(",".join(subs) + "->" + _LETTERS[:d], *ops)
-        return out
+            m = len(blocks)
+            slot_of_leg = {p: j for j, b in enumerate(blocks) for p in b}
+            flat = sum(jnp.reshape(ar, [n if t == slot_of_leg[p] else 1 for t in range(m)]) * n ** (d - 1 - p) for p in range(d))
+            flat_idx.append(jnp.broadcast_to(flat, (n,) * m).ravel())
+            vals.append(get(tuple(len(b) for b in blocks)).ravel())
+        top = get((1,) * d).ravel()
+        if flat_idx:  # one scatter for all generalized diagonals (they never overlap)
+            top = top.at[jnp.concatenate(flat_idx)].add(jnp.concatenate(vals), unique_indices=True)
+        return top.reshape((n,) * d)
 
     def output(self) -> Tower:
         out = {}
@@ -350,27 +362,52 @@ def propagate(
     activations = tuple(activations)
     _validate(layers, activations, mean, cov, config, weight_variances)
     tower = input_tower(mean, cov, config)
-    hidden = dg.tracked_degrees(config.k_max, config.kind)
-    radial = any(r > 0 for r in hidden.values())
+    radial = any(r > 0 for r in dg.tracked_degrees(config.k_max, config.kind).values())
+
+    def hidden_metric(w_var):
+        if not radial:
+            return 1.0  # no radial pieces are tracked: the metric is never read
+        if config.avg_metric:
+            return w_var
+        return "diag" if config.k_max == 1 else "exact"
+
+    def hidden_layer(tower, W, b, act, w_var):
+        pre = _linear_step(tower, W, b, hidden_metric(w_var), list(tower))
+        return pre, _NonlinearStep(pre, act, config).output()
+
+    L = len(layers)
+    w_vars = [None] * L if weight_variances is None else [float(v) for v in weight_variances]
     out = {}
-    for l, (W, b) in enumerate(layers):
-        last = l == len(layers) - 1
-        if last:
-            keep = [d for d in tower if config.output_degree is None or d <= config.output_degree]
-            metric = "diag" if config.k_max == 1 else "exact"
-        else:
-            keep = list(tower)
-            if not radial:
-                metric = 1.0  # no radial pieces are tracked: the metric is never read
-            elif config.avg_metric:
-                metric = float(weight_variances[l])
-            else:
-                metric = "diag" if config.k_max == 1 else "exact"
-        tower = _linear_step(tower, W, b, metric, keep)
-        out[f"pre{l}"] = tower
-        if not last:
-            tower = _NonlinearStep(tower, activations[l], config).output()
-            out[f"act{l}"] = tower
+    # Hidden layers after the first share one tower structure: with equal shapes and
+    # activations, scan over them so compile time does not grow with depth.
+    scan_from, scan_to = 1, L - 1
+    scannable = scan_to - scan_from >= 2 and len({activations[l] for l in range(scan_from, scan_to)}) == 1
+    scannable = scannable and len({(layers[l][0].shape, layers[l][1] is None) for l in range(scan_from, scan_to)}) == 1
+    l = 0
+    while l < L - 1:
+        if scannable and l == scan_from:
+            stack = lambda xs: None if xs[0] is None else jnp.stack(xs)  # noqa: E731
+            Ws = stack([layers[i][0] for i in range(scan_from, scan_to)])
+            bs = stack([layers[i][1] for i in range(scan_from, scan_to)])
+            vs = None if w_vars[scan_from] is None else jnp.asarray(w_vars[scan_from:scan_to], Ws.dtype)
+
+            def body(tower, x, act=activations[scan_from]):
+                W, b, v = x
+                pre, post = hidden_layer(tower, W, b, act, v)
+                return post, (pre, post)
+
+            tower, (pres, posts) = jax.lax.scan(body, tower, (Ws, bs, vs))
+            for i in range(scan_to - scan_from):
+                out[f"pre{scan_from + i}"] = jax.tree_util.tree_map(lambda x: x[i], pres)
+                out[f"act{scan_from + i}"] = jax.tree_util.tree_map(lambda x: x[i], posts)
+            l = scan_to
+            continue
+        pre, tower = hidden_layer(tower, *layers[l], activations[l], w_vars[l])
+        out[f"pre{l}"], out[f"act{l}"] = pre, tower
+        l += 1
+    W, b = layers[-1]
+    keep = [d for d in tower if config.output_degree is None or d <= config.output_degree]
+    out[f"pre{L - 1}"] = _linear_step(tower, W, b, "diag" if config.k_max == 1 else "exact", keep)
     return out
 
 
