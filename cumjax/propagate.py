@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import diagrams as dg
-from . import activations
+from . import activations as _act
 
 Array = jax.Array
 _LETTERS = string.ascii_letters
@@ -218,7 +218,7 @@ class _NonlinearStep:
         return self._memo[key]
 
     def wick(self, order: int, power: int) -> Array:
-        return self._cached(("w", order, power), lambda: activations.gaussian_expectation(self.act, order, power, self.mean, self.var))
+        return self._cached(("w", order, power), lambda: _act.gaussian_expectation(self.act, order, power, self.mean, self.var))
 
     def block(self, pattern: dg.Vec) -> Array:
         return self._cached(("b", pattern), lambda: self.tower[sum(pattern)].slice(pattern))
@@ -320,6 +320,8 @@ class _NonlinearStep:
 
 
 def _layers(params) -> list[tuple[Array, Array | None]]:
+    if isinstance(params, (list, tuple)):
+        return [(W, b) for W, b in params]
     from .mlp import layer_weights
 
     return layer_weights(params)
@@ -348,6 +350,7 @@ def propagate(
     cov: Array,
     config: PropagationConfig = PropagationConfig(),
     weight_variances: Sequence[float] | None = None,
+    unroll: bool = False,
 ) -> dict[str, Tower]:
     """Cumulants of every layer of an MLP on the Gaussian input N(mean, cov).
 
@@ -355,6 +358,8 @@ def propagate(
     activations: one name per hidden layer (``num_layers - 1``).
     mean ``(d_in,)``, cov ``(d_in, d_in)``: the input distribution.
     weight_variances: per linear layer ``fan_in * Var(W)`` (needed with ``avg_metric``).
+    unroll: trace every layer separately instead of scanning over equal hidden layers (longer
+        compile; XLA's cost analysis then counts every layer).
     Returns ``{label: {degree: RadialTensor}}`` for labels ``pre0, act0, ..., pre{L-1}``.
     Pure and traceable: jit with ``activations``/``config`` static, vmap over params, grad.
     """
@@ -381,7 +386,7 @@ def propagate(
     # Hidden layers after the first share one tower structure: with equal shapes and
     # activations, scan over them so compile time does not grow with depth.
     scan_from, scan_to = 1, L - 1
-    scannable = scan_to - scan_from >= 2 and len({activations[l] for l in range(scan_from, scan_to)}) == 1
+    scannable = not unroll and scan_to - scan_from >= 2 and len({activations[l] for l in range(scan_from, scan_to)}) == 1
     scannable = scannable and len({(layers[l][0].shape, layers[l][1] is None) for l in range(scan_from, scan_to)}) == 1
     l = 0
     while l < L - 1:
@@ -421,7 +426,8 @@ def estimate_mean(params, activations, mean, cov, config=PropagationConfig(), we
 
 
 def _concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    """A value we can inspect now (not a tracer or an abstract shape)."""
+    return isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
 
 
 def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, itemsize: int = 4) -> int:
@@ -445,7 +451,7 @@ def _validate(layers, activations, mean, cov, config, weight_variances):
     if len(activations) != len(layers) - 1:
         raise ValueError(f"{len(layers)} linear layers need {len(layers) - 1} activations, got {len(activations)}")
     for a in activations:
-        activations.check_activation(a)
+        _act.check_activation(a)
     if config.avg_metric and weight_variances is None:
         raise ValueError("avg_metric=True needs weight_variances (fan_in * Var(W) per linear layer)")
     if weight_variances is not None and len(weight_variances) != len(layers):
@@ -459,6 +465,17 @@ def _validate(layers, activations, mean, cov, config, weight_variances):
             raise ValueError(f"layer {l}: kernel shape {W.shape} does not chain with the previous layer")
         if b is not None and b.shape != (W.shape[1],):
             raise ValueError(f"layer {l}: bias shape {b.shape} != ({W.shape[1]},)")
+    width = max(W.shape[1] for W, _ in layers)
+    itemsize = jnp.zeros((), mean.dtype).dtype.itemsize
+    need = estimated_bytes(width, len(layers), config, itemsize)
+    if need > 0.8 * available_bytes():
+        raise MemoryError(
+            f"unfactored propagation at width {width}, k_max={config.k_max} needs about {need / 2**30:.1f} GiB "
+            f"(dense order-{config.k_max} cumulants, O(width^{config.k_max})), more than this machine has free "
+            f"({available_bytes() / 2**30:.1f} GiB); use a smaller width or k_max. Removing that factor of width "
+            f"needs the low-rank factored k=3/4 variant; cumjax's factored=True currently evaluates the factored "
+            f"term set densely and needs the same memory"
+        )
     if all(_concrete(x) for x in (mean, cov)):
         from .inputs import validate_gaussian_input
 
@@ -467,13 +484,3 @@ def _validate(layers, activations, mean, cov, config, weight_variances):
         for name, x in (("kernel", W), ("bias", b)):
             if x is not None and _concrete(x) and not bool(jnp.all(jnp.isfinite(x))):
                 raise ValueError(f"layer {l} {name} contains NaN or Inf")
-    width = max(W.shape[1] for W, _ in layers)
-    itemsize = jnp.zeros((), mean.dtype).dtype.itemsize
-    need = estimated_bytes(width, len(layers), config, itemsize)
-    if need > 0.8 * available_bytes():
-        raise MemoryError(
-            f"unfactored propagation at width {width}, k_max={config.k_max} needs about {need / 2**30:.1f} GiB "
-            f"(dense order-{config.k_max} cumulants, O(width^{config.k_max})), more than this machine has free "
-            f"({available_bytes() / 2**30:.1f} GiB); use a smaller width or k_max, or the factored variant "
-            f"(factored=True) once its low-rank form is available for this configuration"
-        )
