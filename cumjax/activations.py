@@ -99,7 +99,7 @@ def _truncated_moment_polys(q: int) -> tuple[np.ndarray, np.ndarray]:
 def _polyval(coefs, x):
     out = jnp.zeros_like(x)
     for c in coefs[::-1]:
-        out = out * x + c
+        out = out * x + float(c)  # python floats stay weakly typed: no float64 promotion
     return out
 
 
@@ -122,7 +122,7 @@ def _polynomial(coefs: np.ndarray, k: int, mean, var):
     from numpy.polynomial import polynomial as P
 
     d = P.polyder(coefs, k) if k else coefs
-    return sum(c * _gaussian_raw_moment(i, mean, var) for i, c in enumerate(d) if c != 0) + jnp.zeros_like(mean)
+    return sum(float(c) * _gaussian_raw_moment(i, mean, var) for i, c in enumerate(d) if c != 0) + jnp.zeros_like(mean)
 
 
 @lru_cache(maxsize=None)
@@ -139,6 +139,14 @@ def _quadrature(name: str, k: int, p: int, mean, sd):
     return jnp.sum(weights * _FORWARD[name](z) ** p, axis=-1) / sd**k
 
 
+def _float_pair(mean, var):
+    """Broadcast mean and var to one floating dtype (theirs; the default float for ints)."""
+    dtype = jnp.result_type(mean, var)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        dtype = jnp.result_type(float)
+    return jnp.broadcast_arrays(jnp.asarray(mean, dtype), jnp.asarray(var, dtype))
+
+
 def gaussian_expectation(name: str, k: int, p: int, mean, var) -> jax.Array:
     """E[(d/dz)^k (phi(z)^p)] for Z ~ N(mean, var), derivatives in the distributional sense.
 
@@ -151,7 +159,7 @@ def gaussian_expectation(name: str, k: int, p: int, mean, var) -> jax.Array:
     check_activation(name)
     if k < 0 or p < 1:
         raise ValueError(f"need derivative order k >= 0 and power p >= 1, got k={k}, p={p}")
-    mean, var = jnp.broadcast_arrays(*(jnp.asarray(x, dtype=jnp.result_type(mean, var, float)) for x in (mean, var)))
+    mean, var = _float_pair(mean, var)
     var = jnp.maximum(var, _MIN_VAR)
     sd = jnp.sqrt(var)
     if name == "relu":
@@ -177,7 +185,7 @@ def squared_slope_expectation(name: str, mean, var) -> jax.Array:
     check_activation(name)
     if name in ("heaviside", "sgn"):
         raise ValueError(f"{name} has no square-integrable derivative (it is a delta): no edge-of-chaos init")
-    mean, var = jnp.broadcast_arrays(*(jnp.asarray(x, dtype=jnp.result_type(mean, var, float)) for x in (mean, var)))
+    mean, var = _float_pair(mean, var)
     sd = jnp.sqrt(jnp.maximum(var, _MIN_VAR))
     if name == "relu":
         return ndtr(mean / sd)

@@ -62,7 +62,9 @@ def test_float32_close_to_golden(path):
     for key, label, d, golden in _golden_arrays(z):
         ours = out[label][d].dense()
         assert ours.dtype == jnp.float32
-        assert np.abs(np.asarray(ours) - golden).max() <= 1e-4 * np.abs(golden).max() + 1e-7, key
+        # Absolute floor 1e-6: arrays that vanish in exact arithmetic (odd cumulants of tanh on a
+        # centred input) hold float32 rounding of O(1) quantities there.
+        assert np.abs(np.asarray(ours) - golden).max() <= 1e-4 * np.abs(golden).max() + 1e-6, key
 
 
 # ----------------------------------------------------------------------------- closed forms
@@ -79,9 +81,9 @@ def test_polynomial_net_is_exact_at_width_one(kind):
     assert float(out[0]) == pytest.approx(15.0, rel=1e-12)
 
 
-@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("depth", [1, 2])
 def test_chained_squares_are_exact_at_k2(depth):
-    # x^(2^depth) has mean (2^depth - 1)!!
+    # x^(2^depth) has mean (2^depth - 1)!!; at depth 2 the covariance of x^2 must be exact.
     acts = ["square"] * depth
     out = estimate_mean(_scalar_net(acts), acts, jnp.zeros(1), jnp.eye(1), PropagationConfig(k_max=2))
     assert float(out[0]) == pytest.approx(math.prod(range(2**depth - 1, 0, -2)), rel=1e-12)

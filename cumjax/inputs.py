@@ -1,0 +1,25 @@
+"""Checks on the Gaussian input N(mean, cov), shared by the estimators and the sampler."""
+from __future__ import annotations
+
+import numpy as np
+
+
+def validate_gaussian_input(mean, cov, d_in: int | None = None) -> None:
+    """Raise ValueError unless ``mean (d,)`` and ``cov (d, d)`` describe a Gaussian: right shapes,
+    finite, symmetric and positive semi-definite (eigenvalues >= -1e-8 * largest)."""
+    mean, cov = np.asarray(mean, np.float64), np.asarray(cov, np.float64)
+    d = mean.shape[0] if mean.ndim == 1 else None
+    if mean.ndim != 1 or (d_in is not None and d != d_in):
+        raise ValueError(f"input mean must have shape ({d_in or 'd'},), got {mean.shape}")
+    if cov.shape != (d, d):
+        raise ValueError(f"input covariance must have shape ({d}, {d}), got {cov.shape}")
+    if not np.all(np.isfinite(mean)):
+        raise ValueError("input mean contains NaN or Inf (not finite)")
+    if not np.all(np.isfinite(cov)):
+        raise ValueError("input covariance contains NaN or Inf (not finite)")
+    scale = max(float(np.abs(cov).max()), 1e-300)
+    if not np.allclose(cov, cov.T, rtol=0, atol=1e-10 * scale):
+        raise ValueError("input covariance is not symmetric")
+    low = float(np.linalg.eigvalsh(cov)[0])
+    if low < -1e-8 * scale:
+        raise ValueError(f"input covariance is not positive semi-definite (smallest eigenvalue {low:.3e})")
