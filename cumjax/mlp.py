@@ -146,6 +146,7 @@ class MLP(nn.Module):
     w_var: tuple[float, ...] | None = None
     b_var: tuple[float, ...] | None = None
     b_mean: tuple[float, ...] | None = None
+    param_dtype: jnp.dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, all_layers: bool = False):
@@ -158,7 +159,7 @@ class MLP(nn.Module):
             def bias_init(key, shape, dtype=jnp.float32, l=l):
                 return b_mean[l] + jnp.sqrt(b_var[l]) * jax.random.normal(key, shape, dtype)
 
-            x = nn.Dense(width, use_bias=spec.use_bias, name=f"layer{l}",
+            x = nn.Dense(width, use_bias=spec.use_bias, name=f"layer{l}", param_dtype=self.param_dtype, dtype=self.param_dtype,
                          kernel_init=nn.initializers.variance_scaling(w_var[l], "fan_in", "normal"),
                          bias_init=bias_init)(x)
             out[f"pre{l}"] = x
@@ -169,15 +170,16 @@ class MLP(nn.Module):
 
 
 def init_params(key, spec: MLPSpec, init: Init = Init(), dtype=None):
-    """Random Flax variables ``{"params": {"layer{l}": {"kernel": (in, out), "bias": (out,)}}}``.
+    """Random Flax variables ``{"params": {"layer{l}": {"kernel": (in, out), "bias": (out,)}}}``
+    in ``dtype`` (float32 by default).
 
     Biases exist iff ``spec.use_bias``; an init with nonzero bias mean/variance needs it.
     """
     w_var, b_var, b_mean = init.resolve(spec)
     if has_bias(spec, init) and not spec.use_bias:
         raise ValueError("this init has nonzero biases: build the MLPSpec with use_bias=True")
-    dtype = dtype or jnp.zeros(()).dtype
-    module = MLP(spec, w_var, b_var, b_mean)
+    dtype = dtype or jnp.float32
+    module = MLP(spec, w_var, b_var, b_mean, dtype)
     return module.init(key, jnp.zeros((1, spec.input_dim), dtype))
 
 
