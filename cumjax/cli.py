@@ -116,7 +116,7 @@ def _parser():
     c.add_argument("--bias-mean", type=float, default=0.0)
     c.add_argument("--bias-var", type=float, default=0.0)
     c.add_argument("--samples", default="1e6", help="Monte Carlo samples for the ground truth")
-    c.add_argument("--chunk", type=int, default=1 << 14, help="Monte Carlo chunk size (memory bound)")
+    c.add_argument("--chunk", type=int, default=1024, help="Monte Carlo chunk size (memory bound)")
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--x64", action="store_true", help="run in float64")
     c.add_argument("--json", default=None, help="also write the results to this JSON file")

@@ -1,62 +1,78 @@
 """MLPs in Flax, their initialisers, and conversions of their parameters.
 
 Layer labels: ``pre{l}`` is the output of linear layer ``l`` (``x @ W_l + b_l``) and ``act{l}`` the
-output of hidden layer ``l``'s nonlinearity; the input is ``act{-1}`` and the last label
-``pre{L-1}`` is the network output (no nonlinearity follows the last linear layer). The paper
+output of hidden layer ``l``'s nonlinearity, ``phi_l(pre{l})``; the input is ``act{-1}`` and the last
+label ``pre{L-1}`` is the network output (no nonlinearity follows the last linear layer). The paper
 counts from one: ``act{l}`` is its X_{l+1}, ``pre{l}`` its Z_{l+1}.
+
+Parameters are Flax variables ``{"params": {"layer{l}": {"kernel": (in, out), "bias": (out,)}}}``.
+Matmuls run at ``Precision.HIGHEST``: on GPUs the default float32 precision is TF32, whose rounding of
+the weights (~3e-4 relative) would bias a Monte Carlo ground truth by about as much.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from typing import Sequence
+import math
+from collections.abc import Mapping
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .activations import activation_fn, check_activation, gaussian_expectation, squared_slope_expectation
+from .activations import activation_fn, check_activation
+
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 @dataclasses.dataclass(frozen=True)
 class MLPSpec:
-    """Static shape of an MLP: ``num_layers`` linear layers, one activation per hidden layer."""
+    """Static shape of an MLP (hashable: a static jit argument).
+
+    num_layers: linear layers (>= 1); activations: one name per hidden layer (``num_layers - 1``), or
+    a single string used for all of them; use_bias: whether every linear layer has a bias.
+    """
 
     input_dim: int
     width: int
     output_dim: int
     num_layers: int
-    activations: tuple[str, ...]
+    activations: tuple[str, ...] = ()
     use_bias: bool = False
 
     def __post_init__(self):
-        if isinstance(self.activations, str):
-            object.__setattr__(self, "activations", (self.activations,) * (self.num_layers - 1))
-        object.__setattr__(self, "activations", tuple(self.activations))
-        if self.num_layers < 1 or min(self.input_dim, self.width, self.output_dim) < 1:
+        acts = self.activations
+        acts = (acts,) * (self.num_layers - 1) if isinstance(acts, str) else tuple(acts)
+        object.__setattr__(self, "activations", acts)
+        dims = (self.input_dim, self.width, self.output_dim, self.num_layers)
+        if not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in dims):
+            raise ValueError(f"MLPSpec dimensions must be ints, got {dims}")
+        if self.num_layers < 1 or min(dims[:3]) < 1:
             raise ValueError(f"need num_layers >= 1 and positive dimensions, got {self}")
-        if len(self.activations) != self.num_layers - 1:
-            raise ValueError(f"{self.num_layers} linear layers need {self.num_layers - 1} activations, got {len(self.activations)}")
-        for a in self.activations:
+        if len(acts) != self.num_layers - 1:
+            raise ValueError(f"{self.num_layers} linear layers need {self.num_layers - 1} activations, got {len(acts)}")
+        for a in acts:
             check_activation(a)
 
     @property
     def dims(self) -> tuple[int, ...]:
-        """Layer sizes: input, hidden widths, output."""
+        """Layer sizes ``(input_dim, width, ..., width, output_dim)``, ``num_layers + 1`` of them."""
         return (self.input_dim,) + (self.width,) * (self.num_layers - 1) + (self.output_dim,)
 
     @property
     def labels(self) -> tuple[str, ...]:
-        out = []
-        for l in range(self.num_layers):
-            out += [f"pre{l}"] + ([f"act{l}"] if l < self.num_layers - 1 else [])
-        return tuple(out)
+        """``("pre0", "act0", ..., "act{L-2}", "pre{L-1}")`` (see the module docstring)."""
+        return tuple(f"{kind}{l}" for l in range(self.num_layers) for kind in ("pre", "act") if kind == "pre" or l < self.num_layers - 1)
+
+    def with_bias_for(self, init: Init) -> MLPSpec:
+        """This spec with ``use_bias`` turned on if ``init`` draws any nonzero bias."""
+        return dataclasses.replace(self, use_bias=self.use_bias or any(init.bias_layers(self)))
 
 
 def _per_layer(value, num_layers: int, name: str) -> tuple[float, ...]:
-    if value is None:
-        return (0.0,) * num_layers
     if np.ndim(value) == 0:
         return (float(value),) * num_layers
     if len(value) != num_layers:
@@ -66,16 +82,16 @@ def _per_layer(value, num_layers: int, name: str) -> tuple[float, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class Init:
-    """Initialisation: weights ``W_l ~ N(0, w_var_l / fan_in)``, biases ``N(b_mean_l, b_var_l)``.
+    """Initialisation: ``W_l`` entries ``N(0, w_var_l / fan_in)``, bias entries ``N(b_mean_l, b_var_l)``.
 
     kind:
-      * ``"he"``: ``w_var_0 = 1`` and ``w_var_l = 1 / E[phi_{l-1}(Z)^2]``, ``Z ~ N(b_mean_{l-1}, 1)``,
-        which keeps unit pre-activation second moments (relu: 2, tanh: ~2.536, ...).
-      * ``"critical"``: edge of chaos at fixed point ``q_star``: ``sigma_w^2 E[phi'(sqrt(q*) Z)^2] = 1``
-        and ``q* = sigma_w^2 E[phi(sqrt(q*) Z)^2] + sigma_b^2``; every layer gets ``b_var = sigma_b^2``,
-        layer 0 gets ``w_var = q* - sigma_b^2``, the others ``sigma_w^2``.
-      * ``"manual"``: ``w_var`` given (scalar or per layer).
-    b_var, b_mean: scalar or per linear layer (ignored by ``critical``).
+      * ``"he"``: ``w_var_0 = 1``, ``w_var_l = 1 / E[phi_{l-1}(Z)^2]`` with ``Z ~ N(b_mean_{l-1}, 1)``
+        (relu 2, tanh ~2.536, ...); ``b_var`` does not enter the weight variances.
+      * ``"critical"``: edge of chaos with fixed point ``q_star`` (one activation for all hidden
+        layers): ``s_w = 1 / E[phi'(sqrt(q*) Z)^2]``, ``s_b = q* - s_w E[phi(sqrt(q*) Z)^2]``; every
+        layer gets ``b_var = s_b``, ``b_mean = 0``, layer 0 ``w_var = q* - s_b``, the others ``s_w``.
+      * ``"manual"``: ``w_var`` given.
+    w_var, b_var, b_mean: a scalar or one value per linear layer.
     """
 
     kind: str = "he"
@@ -87,133 +103,181 @@ class Init:
     def __post_init__(self):
         if self.kind not in ("he", "critical", "manual"):
             raise ValueError(f"unknown init kind {self.kind!r}; expected 'he', 'critical' or 'manual'")
-        for f in ("w_var", "b_var", "b_mean"):
+        for f in ("w_var", "b_var", "b_mean"):  # lists -> tuples, so that Init stays hashable
             v = getattr(self, f)
             if v is not None and np.ndim(v):
                 object.__setattr__(self, f, tuple(float(x) for x in v))
-        if self.kind == "critical" and (self.q_star is None or self.q_star <= 0):
-            raise ValueError("critical init needs q_star > 0")
-        if self.kind == "manual" and self.w_var is None:
-            raise ValueError("manual init needs w_var (scalar or one per linear layer)")
+        if self.kind == "critical":
+            if self.q_star is None or not self.q_star > 0:
+                raise ValueError(f"critical init needs q_star > 0, got {self.q_star}")
+            if np.any(np.asarray(self.b_var) != 0) or np.any(np.asarray(self.b_mean) != 0):
+                raise ValueError("critical init sets the biases itself: leave b_var and b_mean at 0")
+        if (self.kind == "manual") != (self.w_var is not None):
+            raise ValueError("w_var is required by, and only used by, manual init")
+        if np.any(np.asarray(self.b_var) < 0) or (self.w_var is not None and np.any(np.asarray(self.w_var) < 0)):
+            raise ValueError("variances must be >= 0")
 
     def resolve(self, spec: MLPSpec) -> tuple[tuple[float, ...], tuple[float, ...], tuple[float, ...]]:
-        """Per linear layer ``(w_var, b_var, b_mean)``; ``w_var`` is ``fan_in * Var(W)``."""
+        """``(w_var, b_var, b_mean)``, one Python float per linear layer; ``w_var`` is fan_in * Var(W)."""
+        return _resolve(self, spec, jax.config.jax_enable_x64)  # x64 sets the precision of the integrals
+
+    def _resolve(self, spec: MLPSpec):
+        from .activations import gaussian_expectation
+
         L = spec.num_layers
         if self.kind == "critical":
-            w, b = critical_variances(spec.activations, self.q_star)
-            return (self.q_star - b,) + (w,) * (L - 1), (b,) * L, (0.0,) * L
+            s_w, s_b = critical_variances(spec.activations, self.q_star)
+            return (self.q_star - s_b,) + (s_w,) * (L - 1), (s_b,) * L, (0.0,) * L
         b_var, b_mean = _per_layer(self.b_var, L, "b_var"), _per_layer(self.b_mean, L, "b_mean")
         if self.kind == "manual":
             return _per_layer(self.w_var, L, "w_var"), b_var, b_mean
-        w_var = [1.0]
-        for l in range(1, L):
-            second = float(gaussian_expectation(spec.activations[l - 1], 0, 2, np.float64(b_mean[l - 1]), np.float64(1.0)))
-            w_var.append(1.0 / second)
-        return tuple(w_var), b_var, b_mean
+        w_var = (1.0,) + tuple(1.0 / float(gaussian_expectation(act, 0, 2, b_mean[l], 1.0)) for l, act in enumerate(spec.activations))
+        return w_var, b_var, b_mean
+
+    def bias_layers(self, spec: MLPSpec) -> tuple[bool, ...]:
+        """Per linear layer: does it draw a nonzero bias (``b_var > 0`` or ``b_mean != 0``)?"""
+        return _draws_bias(*self.resolve(spec)[1:])
+
+
+@functools.lru_cache(maxsize=256)
+def _resolve(init: Init, spec: MLPSpec, x64: bool):
+    with jax.ensure_compile_time_eval():  # python floats even when called under a jit trace
+        return init._resolve(spec)
+
+
+def _draws_bias(b_var, b_mean) -> tuple[bool, ...]:
+    return tuple(v > 0 or m != 0 for v, m in zip(b_var, b_mean))
 
 
 def critical_variances(activations: Sequence[str], q_star: float) -> tuple[float, float]:
-    """``(sigma_w^2, sigma_b^2)`` putting a network at the edge of chaos with fixed point ``q_star``."""
+    """``(s_w, s_b)`` putting a network at the edge of chaos with fixed point ``q_star`` (see Init).
+
+    Raises ValueError when no such point exists (step functions, or ``s_b < 0``)."""
+    from .activations import gaussian_expectation, squared_slope_expectation
+
     if len(set(activations)) > 1:
         raise ValueError(f"critical init needs one activation for all hidden layers, got {sorted(set(activations))}")
-    if not activations:
+    if not activations:  # a single linear layer: nothing to make critical
         return 1.0, 0.0
     name = activations[0]
-    q = np.float64(q_star)
-    slope = float(squared_slope_expectation(name, np.float64(0.0), q))
+    slope = float(squared_slope_expectation(name, 0.0, q_star))
     if not slope > 0:
-        raise ValueError(f"critical init infeasible for {name}: E[phi'^2] = {slope}")
+        raise ValueError(f"critical init infeasible for {name}: E[phi'(Z)^2] = {slope}")
     s_w = 1.0 / slope
-    s_b = q_star - s_w * float(gaussian_expectation(name, 0, 2, np.float64(0.0), q))
+    s_b = q_star - s_w * float(gaussian_expectation(name, 0, 2, 0.0, q_star))
     if s_b < -1e-6:
         raise ValueError(f"critical init infeasible for {name} at q*={q_star}: it would need bias variance {s_b:.4g} < 0")
-    return s_w, max(s_b, 0.0)
+    return s_w, max(s_b, 0.0)  # clip rounding noise around 0 (relu: exactly 0)
 
 
-def has_bias(spec: MLPSpec, init: Init) -> bool:
-    _, b_var, b_mean = init.resolve(spec)
-    return any(v > 0 for v in b_var) or any(m != 0 for m in b_mean)
+def _default_float():
+    return jnp.result_type(float)  # float64 when jax x64 is enabled, else float32
 
 
 class MLP(nn.Module):
-    """Flax MLP: ``num_layers`` Dense layers named ``layer{l}``, activations between them.
+    """Flax MLP: Dense layers ``layer0 .. layer{L-1}`` with ``spec.activations`` between them.
 
-    ``w_var``/``b_var``/``b_mean`` (per layer) set the initialisers; see :class:`Init`.
-    ``__call__(x, all_layers=True)`` returns ``{label: array}`` for every layer.
+    ``init_scheme`` sets the initialisers; ``param_dtype`` defaults to jax's default float.
+    ``__call__(x (..., input_dim))`` returns the output ``(..., output_dim)``, or with
+    ``all_layers=True`` the dict ``{label: (..., size)}`` of every layer.
     """
 
     spec: MLPSpec
-    w_var: tuple[float, ...] | None = None
-    b_var: tuple[float, ...] | None = None
-    b_mean: tuple[float, ...] | None = None
-    param_dtype: jnp.dtype = jnp.float32
+    init_scheme: Init = Init()  # not `init`: that is Module.init
+    param_dtype: Any = None
+    precision: Any = HIGHEST
 
     @nn.compact
     def __call__(self, x, all_layers: bool = False):
-        spec, out = self.spec, {}
-        L = spec.num_layers
-        w_var = self.w_var or (1.0,) * L
-        b_var, b_mean = self.b_var or (0.0,) * L, self.b_mean or (0.0,) * L
-        for l, width in enumerate(spec.dims[1:]):
+        spec = self.spec
+        w_var, b_var, b_mean = self.init_scheme.resolve(spec)
+        if self.is_initializing() and not spec.use_bias and any(_draws_bias(b_var, b_mean)):
+            raise ValueError("this init draws nonzero biases: use an MLPSpec with use_bias=True (spec.with_bias_for(init))")
+        out = {}
+        for l, size in enumerate(spec.dims[1:]):
 
-            def bias_init(key, shape, dtype=jnp.float32, l=l):
-                return b_mean[l] + jnp.sqrt(b_var[l]) * jax.random.normal(key, shape, dtype)
+            def kernel_init(key, shape, dtype, l=l):  # N(0, w_var / fan_in); python floats keep dtype
+                return math.sqrt(w_var[l] / shape[0]) * jax.random.normal(key, shape, dtype)
 
-            x = nn.Dense(width, use_bias=spec.use_bias, name=f"layer{l}", param_dtype=self.param_dtype, dtype=self.param_dtype,
-                         kernel_init=nn.initializers.variance_scaling(w_var[l], "fan_in", "normal"),
-                         bias_init=bias_init)(x)
+            def bias_init(key, shape, dtype, l=l):  # N(b_mean, b_var): constant b_mean when b_var == 0
+                return b_mean[l] + math.sqrt(b_var[l]) * jax.random.normal(key, shape, dtype)
+
+            x = nn.Dense(size, use_bias=spec.use_bias, name=f"layer{l}", param_dtype=self.param_dtype or _default_float(),
+                         precision=self.precision, kernel_init=kernel_init, bias_init=bias_init)(x)
             out[f"pre{l}"] = x
-            if l < L - 1:
+            if l < spec.num_layers - 1:
                 x = activation_fn(spec.activations[l])(x)
                 out[f"act{l}"] = x
         return out if all_layers else x
 
 
 def init_params(key, spec: MLPSpec, init: Init = Init(), dtype=None):
-    """Random Flax variables ``{"params": {"layer{l}": {"kernel": (in, out), "bias": (out,)}}}``
-    in ``dtype`` (float32 by default).
+    """Random Flax variables ``{"params": {"layer{l}": {"kernel": (in, out)[, "bias": (out,)]}}}``.
 
-    Biases exist iff ``spec.use_bias``; an init with nonzero bias mean/variance needs it.
-    """
-    w_var, b_var, b_mean = init.resolve(spec)
-    if has_bias(spec, init) and not spec.use_bias:
-        raise ValueError("this init has nonzero biases: build the MLPSpec with use_bias=True")
-    dtype = dtype or jnp.float32
-    module = MLP(spec, w_var, b_var, b_mean, dtype)
-    return module.init(key, jnp.zeros((1, spec.input_dim), dtype))
+    dtype: defaults to jax's default float (float32; float64 with x64 enabled). Raises ValueError if
+    ``init`` draws nonzero biases and ``spec.use_bias`` is False."""
+    dtype = dtype or _default_float()
+    init.resolve(spec)  # raise on a bad init before tracing
+    return jax.jit(MLP(spec, init, dtype).init)(key, jnp.zeros((1, spec.input_dim), dtype))  # one compile, not one per op
 
 
 def layer_weights(params) -> list[tuple[jax.Array, jax.Array | None]]:
-    """``[(W (in, out), b (out,) or None), ...]`` in layer order from Flax variables (or a list)."""
+    """``[(W (in, out), b (out,) or None), ...]`` in layer order, from Flax variables, their inner
+    ``"params"`` dict, or a list of ``(W, b)`` pairs."""
     if isinstance(params, (list, tuple)):
         return [(W, b) for W, b in params]
-    inner = params.get("params", params)
-    names = sorted(inner, key=lambda s: int(s.removeprefix("layer")))
+    if not isinstance(params, Mapping):
+        raise ValueError(f"expected Flax variables (a dict), got {type(params).__name__}")
+    inner = params["params"] if "params" in params else params
+    names = [f"layer{l}" for l in range(len(inner))]
+    if sorted(inner) != sorted(names):
+        raise ValueError(f"expected layers named layer0..layer{len(inner) - 1}, got {sorted(inner)}")
     return [(inner[k]["kernel"], inner[k].get("bias")) for k in names]
 
 
+def validate_params(params, spec: MLPSpec, batch_dims: int = 0) -> list[tuple[Any, Any]]:
+    """Check that ``params`` fit ``spec`` (layer count, kernel/bias shapes after ``batch_dims``
+    leading axes) and, where concrete, are finite; raise ValueError otherwise. Returns the layers."""
+    layers = layer_weights(params)
+    if len(layers) != spec.num_layers:
+        raise ValueError(f"params have {len(layers)} linear layers, spec says {spec.num_layers}")
+    for l, (W, b) in enumerate(layers):
+        fan_in, fan_out = spec.dims[l], spec.dims[l + 1]
+        if np.ndim(W) != batch_dims + 2 or np.shape(W)[batch_dims:] != (fan_in, fan_out):
+            raise ValueError(f"layer {l}: kernel shape {np.shape(W)}, expected {(fan_in, fan_out)} after {batch_dims} batch axes")
+        if b is not None and (np.ndim(b) != batch_dims + 1 or np.shape(b)[batch_dims:] != (fan_out,)):
+            raise ValueError(f"layer {l}: bias shape {np.shape(b)}, expected {(fan_out,)} after {batch_dims} batch axes")
+        for a in (W, b):
+            if a is not None and not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a))):
+                raise ValueError(f"layer {l}: parameters contain NaN or Inf")
+    return layers
+
+
 def params_from_arrays(Ws: Sequence, bs: Sequence | None = None, dtype=None):
-    """Flax variables from plain arrays ``W{l} (in, out)`` and optional biases ``b{l}``."""
+    """Flax variables from plain arrays: ``Ws[l] (in, out)``, ``bs[l] (out,)`` or None (no bias)."""
+    bs = [None] * len(Ws) if bs is None else list(bs)
+    if len(bs) != len(Ws):
+        raise ValueError(f"{len(Ws)} kernels but {len(bs)} biases")
     out = {}
-    for l, W in enumerate(Ws):
-        layer = {"kernel": jnp.asarray(W, dtype)}
-        if bs is not None and bs[l] is not None:
-            layer["bias"] = jnp.asarray(bs[l], dtype)
-        out[f"layer{l}"] = layer
+    for l, (W, b) in enumerate(zip(Ws, bs)):
+        out[f"layer{l}"] = {"kernel": jnp.asarray(W, dtype)} | ({} if b is None else {"bias": jnp.asarray(b, dtype)})
     return {"params": out}
 
 
 def params_to_arrays(params) -> tuple[list[np.ndarray], list[np.ndarray | None]]:
-    """``(Ws, bs)`` as numpy arrays (``None`` for a layer without bias)."""
+    """``(Ws, bs)`` as numpy arrays, ``bs[l] = None`` for a layer without bias."""
     layers = layer_weights(params)
     return [np.asarray(W) for W, _ in layers], [None if b is None else np.asarray(b) for _, b in layers]
 
 
-def forward(params, spec: MLPSpec, x, all_layers: bool = False):
-    """Pure forward pass on the params pytree (``x (..., input_dim)``): the output or every label."""
+def forward(params, spec: MLPSpec, x, all_layers: bool = False, precision=HIGHEST):
+    """``MLP(spec).apply(params, x)`` as a pure function of the params pytree (one matmul per layer).
+
+    x: (..., input_dim). Returns the output (..., output_dim), or ``{label: (..., size)}``."""
     out = {}
     for l, (W, b) in enumerate(layer_weights(params)):
-        x = x @ W if b is None else x @ W + b
+        x = jnp.matmul(x, W, precision=precision)
+        x = x if b is None else x + b
         out[f"pre{l}"] = x
         if l < spec.num_layers - 1:
             x = activation_fn(spec.activations[l])(x)
@@ -222,16 +286,19 @@ def forward(params, spec: MLPSpec, x, all_layers: bool = False):
 
 
 def load_golden(path: str, dtype=None):
-    """A reference golden file: ``(spec, params, init_scale, meta, arrays)``.
+    """Read a reference golden ``.npz``: ``(spec, params, init_scale, meta, arrays)``.
 
-    ``arrays`` maps ``"{label}_K{d}"`` and ``Kin_1``/``Kin_2`` to numpy arrays.
-    """
-    z = np.load(path)
-    meta = json.loads(str(z["meta"]))
+    ``init_scale``: per linear layer, fan_in * Var(W). ``arrays``: ``Kin_1 (d,)``, ``Kin_2 (d, d)``
+    and every ``{label}_K{d}`` (dense symmetric, numpy float64). Bias arrays are zero for layers
+    without bias; ``spec.use_bias`` is ``any(meta["has_bias"])`` (any nonzero bias if absent)."""
+    with np.load(path) as z:
+        files = {k: z[k] for k in z.files}
+    meta = json.loads(str(files["meta"]))
     L = meta["num_layers"]
-    bs = [z[f"b{l}"] for l in range(L)]
-    use_bias = any(meta.get("has_bias", [bool(np.any(b)) for b in bs]))
+    Ws, bs = [files[f"W{l}"] for l in range(L)], [files[f"b{l}"] for l in range(L)]
+    use_bias = bool(any(meta.get("has_bias", [np.any(b) for b in bs])))
     spec = MLPSpec(meta["input_dim"], meta["width"], meta["output_dim"], L, tuple(meta["nonlin"]), use_bias)
-    params = params_from_arrays([z[f"W{l}"] for l in range(L)], bs if use_bias else None, dtype)
-    arrays = {k: z[k] for k in z.files if k == "Kin_1" or k == "Kin_2" or "_K" in k}
+    params = params_from_arrays(Ws, bs if use_bias else None, dtype)
+    validate_params(params, spec)
+    arrays = {k: v for k, v in files.items() if k in ("Kin_1", "Kin_2") or "_K" in k}
     return spec, params, tuple(meta["init_scale"]), meta, arrays

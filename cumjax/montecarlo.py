@@ -1,60 +1,77 @@
 """Monte Carlo on the same parameters: the baseline and the ground truth.
 
-Inputs ``x ~ N(mean, cov)`` are drawn in fixed-size chunks (memory independent of the number of
-samples); chunk ``c`` uses ``fold_in(key, c)``, so a result depends only on (key, params, N, chunk
-size), not on how chunks are spread over devices. Each chunk's sample mean and sum of squared
-deviations are merged with Chan et al.'s parallel update, in float64 when x64 is enabled (float32
-otherwise, where the pairwise merge keeps the error near one rounding per chunk).
+Sampling: sample ``i`` (``0 <= i < N``) is ``x_i = mean + z_i @ F.T`` with ``z_i ~ N(0, I)`` drawn from
+``fold_in(key, i)`` and ``F F^T = cov`` (Cholesky, or a symmetric eigen-root when ``cov`` is
+singular; computed once). A sample depends only on ``(key, i)``, so the result is the same, up to
+float rounding in the merges, for every chunk size and every number of devices.
+
+Streaming: the samples are pushed through the network in chunks of ``chunk_size`` rows by a
+``lax.scan``, so memory does not grow with N. When the chunk size does not divide the samples (of
+a device), the last chunk is padded with masked rows, which are computed and discarded.
+
+Precision: the forward pass runs in ``dtype`` (float32 by default) at ``Precision.HIGHEST`` (no TF32
+on GPUs, see :mod:`cumjax.mlp`). Each chunk's mean, sum of squared deviations and mean of x x^T are
+formed in that dtype and merged across chunks and devices with Chan et al.'s parallel update in the
+accumulation dtype: float64 when jax x64 is enabled, else float32. The update never subtracts large
+running sums, so even float32 accumulation loses only about one rounding per chunk. The normals
+are drawn in the forward dtype: float32 ones (an erfinv of a 23-bit uniform) never exceed ~5.4
+sigma, so events rarer than ~1e-7 need ``dtype=jnp.float64`` (x64 enabled).
 """
 from __future__ import annotations
 
 import functools
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import struct
 
 from .inputs import validate_gaussian_input
-from .mlp import MLPSpec, forward, layer_weights
+from .mlp import HIGHEST, MLPSpec, forward, validate_params
+
+_MAX_ROWS = 2**32  # sample indices are uint32
 
 
-class MCResult(NamedTuple):
-    """Per label: sample ``mean`` (n,), its standard error ``sem`` (n,), optionally the second
-    moment matrix ``second`` E[x x^T] (n, n); ``num_samples`` drawn."""
+@struct.dataclass
+class MCResult:
+    """Per label (see :attr:`MLPSpec.labels`): sample ``mean`` (..., n), its standard error ``sem``
+    (..., n) = sqrt(sample variance / N), and with ``second_moments`` the sample ``second`` moment
+    E[x x^T] (..., n, n), else None. Leading ``...``: the network axis of the batched sampler."""
 
     mean: dict
     sem: dict
     second: dict | None
-    num_samples: int
+    num_samples: int = struct.field(pytree_node=False)
 
 
 class _Stats(NamedTuple):
-    count: jax.Array  # ()
-    mean: dict
-    m2: dict  # sum of squared deviations from the mean
-    second: dict | None  # running mean of x x^T
+    count: jax.Array  # () number of samples merged
+    mean: dict  # label -> (n,)
+    m2: dict  # label -> (n,) sum of squared deviations from the mean
+    second: dict | None  # label -> (n, n) mean of x x^T
 
 
 def forward_flops(spec: MLPSpec) -> int:
-    """FLOPs of one forward pass: ``2 in out`` per linear layer, plus ``out`` for its bias and
-    ``out`` for its activation (hidden layers)."""
+    """FLOPs of one forward pass (one sample): per linear layer ``2 in out`` for the matmul, plus
+    ``out`` for the bias if any, plus ``out`` for the activation of a hidden layer (one FLOP per
+    element, whatever the nonlinearity). Sampling the input and the statistics are not counted."""
     total = 0
     for l, (a, b) in enumerate(zip(spec.dims[:-1], spec.dims[1:])):
         total += 2 * a * b + (b if spec.use_bias else 0) + (b if l < spec.num_layers - 1 else 0)
     return total
 
 
-def _input_factor(cov):
-    """A square root ``F`` with ``F F^T = cov`` (Cholesky; symmetric eigen-root if singular)."""
-    chol = jnp.linalg.cholesky(cov)
-    vals, vecs = jnp.linalg.eigh(cov)
-    root = vecs * jnp.sqrt(jnp.maximum(vals, 0.0))
-    return jnp.where(jnp.all(jnp.isfinite(chol)), chol, root)
+def default_chunk_size() -> int:
+    """4096 rows on CPU (stays in cache), 65536 on accelerators (amortises per-step overhead)."""
+    return 4096 if jax.default_backend() == "cpu" else 65536
+
+
+# ----------------------------------------------------------------------------- statistics
 
 
 def _merge(a: _Stats, b: _Stats) -> _Stats:
+    """Chan et al.'s parallel update: the statistics of the union of two disjoint sample sets."""
     n = a.count + b.count
     wb = jnp.where(n > 0, b.count / jnp.maximum(n, 1), 0.0)
     mean, m2 = {}, {}
@@ -66,107 +83,158 @@ def _merge(a: _Stats, b: _Stats) -> _Stats:
     return _Stats(n, mean, m2, second)
 
 
-def _chunk_stats(key, chunk_id, params, spec, mean, factor, num_samples, chunk_size, second_moments, acc) -> _Stats:
-    z = jax.random.normal(jax.random.fold_in(key, chunk_id), (chunk_size, mean.shape[0]), mean.dtype)
-    row = chunk_id * chunk_size + jnp.arange(chunk_size)
-    w = ((row < num_samples) & (chunk_id >= 0)).astype(mean.dtype)
+def _empty(spec: MLPSpec, second_moments: bool, acc) -> _Stats:
+    size = {k: spec.dims[int(k[3:]) + 1] for k in spec.labels}  # "pre{l}"/"act{l}" have size dims[l + 1]
+    zeros = lambda *shape: jnp.zeros(shape, acc)  # noqa: E731
+    second = {k: zeros(n, n) for k, n in size.items()} if second_moments else None
+    return _Stats(zeros(), {k: zeros(n) for k, n in size.items()}, {k: zeros(n) for k, n in size.items()}, second)
+
+
+def _chunk_stats(key, params, spec, mean, factor, rows, valid, second_moments, acc) -> _Stats:
+    """Statistics of the samples ``rows (c,)`` where ``valid (c,)``."""
+    d = mean.shape[0]
+    z = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), (d,), mean.dtype))(rows)
+    x = mean + (z if factor is None else jnp.matmul(z, factor.T, precision=HIGHEST))
+    w = valid.astype(mean.dtype)[:, None]
     count = jnp.sum(w)
-    safe = jnp.maximum(count, 1.0)
-    layers = forward(params, spec, mean + z @ factor.T, all_layers=True)
-    m, m2, sec = {}, {}, {} if second_moments else None
-    for k, x in layers.items():
-        mu = jnp.sum(w[:, None] * x, axis=0) / safe
-        dev = (x - mu) * w[:, None]
-        m[k], m2[k] = mu.astype(acc), jnp.sum(dev * dev, axis=0).astype(acc)
+    inv = 1 / jnp.maximum(count, 1)
+    stats = _Stats(count.astype(acc), {}, {}, {} if second_moments else None)
+    for k, y in forward(params, spec, x, all_layers=True).items():
+        mu = jnp.sum(w * y, axis=0) * inv
+        dev = (y - mu) * w
+        stats.mean[k], stats.m2[k] = mu.astype(acc), jnp.sum(dev * dev, axis=0).astype(acc)
         if second_moments:
-            sec[k] = ((w[:, None] * x).T @ x / safe).astype(acc)
-    return _Stats(count.astype(acc), m, m2, sec)
+            stats.second[k] = (jnp.matmul((w * y).T, y, precision=HIGHEST) * inv).astype(acc)
+    return stats
 
 
-def _scan_chunks(key, chunk_ids, params, spec, mean, factor, num_samples, chunk_size, second_moments) -> _Stats:
+def _stream(key, params, spec, mean, factor, first, stop, num_chunks, chunk, second_moments) -> _Stats:
+    """Statistics of samples ``first <= i < stop``, in ``num_chunks`` chunks of ``chunk`` rows."""
     acc = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
-    stats = functools.partial(_chunk_stats, key, params=params, spec=spec, mean=mean, factor=factor, num_samples=num_samples,
-                              chunk_size=chunk_size, second_moments=second_moments, acc=acc)
-    first = stats(chunk_ids[0])
+    offsets = jnp.arange(chunk, dtype=jnp.uint32)
 
-    def body(carry, cid):
-        return _merge(carry, stats(cid)), None
+    def body(carry, c):
+        rows = first + c * jnp.uint32(chunk) + offsets
+        return _merge(carry, _chunk_stats(key, params, spec, mean, factor, rows, rows < stop, second_moments, acc)), None
 
-    out, _ = jax.lax.scan(body, first, chunk_ids[1:])
+    out, _ = jax.lax.scan(body, _empty(spec, second_moments, acc), jnp.arange(num_chunks, dtype=jnp.uint32))
     return out
 
 
+_STATIC = ("spec", "num_samples", "chunk", "num_chunks", "second_moments")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def _run(key, params, mean, factor, *, spec, num_samples, chunk, num_chunks, second_moments) -> _Stats:
+    return _stream(key, params, spec, mean, factor, jnp.uint32(0), jnp.uint32(num_samples), num_chunks, chunk, second_moments)
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC + ("per_device", "mesh"))
+def _run_sharded(key, params, mean, factor, *, spec, num_samples, chunk, num_chunks, second_moments, per_device, mesh) -> _Stats:
+    axis = mesh.axis_names[0]
+    P = jax.sharding.PartitionSpec
+
+    def local(key, params, mean, factor):  # device d takes samples [d * per_device, (d + 1) * per_device)
+        first = jax.lax.axis_index(axis).astype(jnp.uint32) * jnp.uint32(per_device)
+        stop = jnp.minimum(first + jnp.uint32(per_device), jnp.uint32(num_samples))
+        s = _stream(key, params, spec, mean, factor, first, stop, num_chunks, chunk, second_moments)
+        return jax.tree_util.tree_map(lambda x: x[None], s)
+
+    # check_vma off: the scan's zero initial carry is replicated while its updates vary per device
+    parts = jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=P(axis), check_vma=False)(key, params, mean, factor)
+    s = jax.tree_util.tree_map(lambda x: x[0], parts)
+    for d in range(1, mesh.shape[axis]):
+        s = _merge(s, jax.tree_util.tree_map(lambda x, d=d: x[d], parts))
+    return s
+
+
 def _result(s: _Stats, num_samples: int) -> MCResult:
-    sem = {k: jnp.sqrt(s.m2[k] / max(num_samples - 1, 1) / num_samples) for k in s.mean}
+    sem = {k: jnp.sqrt(s.m2[k] / (num_samples - 1) / num_samples) for k in s.m2}
     return MCResult(s.mean, sem, s.second, num_samples)
 
 
-def _check(params, spec, mean, cov, num_samples, chunk_size):
-    if num_samples < 2 or chunk_size < 1:
-        raise ValueError(f"need num_samples >= 2 and chunk_size >= 1, got {num_samples}, {chunk_size}")
-    layers = layer_weights(params)
-    if len(layers) != spec.num_layers:
-        raise ValueError(f"params have {len(layers)} layers, spec says {spec.num_layers}")
-    for l, ((W, b), (a, c)) in enumerate(zip(layers, zip(spec.dims[:-1], spec.dims[1:]))):
-        if W.shape[-2:] != (a, c):
-            raise ValueError(f"layer {l}: kernel shape {W.shape} != ({a}, {c})")
+# ----------------------------------------------------------------------------- inputs and plan
+
+
+def _plan(num_samples, chunk_size, devices: int = 1) -> tuple[int, int, int]:
+    """``(samples per device, chunk, chunks per device)``; the chunk never exceeds a device's share."""
+    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 2:
+        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
+    chunk_size = default_chunk_size() if chunk_size is None else chunk_size
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    per_device = -(-int(num_samples) // devices)
+    chunk = min(int(chunk_size), per_device)
+    if devices * per_device + chunk > _MAX_ROWS:
+        raise ValueError(f"at most ~{_MAX_ROWS:.3g} samples per call (uint32 sample index); combine runs with different keys")
+    return per_device, chunk, -(-per_device // chunk)
+
+
+def _input_factor(cov, dtype):
+    """``F`` with ``F F^T = cov`` (Cholesky; symmetric eigen-root if singular) in ``dtype``, or None
+    for a concrete identity covariance (saves a d x d matmul per sample)."""
+    if not isinstance(cov, jax.core.Tracer) and np.array_equal(np.asarray(cov), np.eye(np.shape(cov)[0])):
+        return None
+    cov = jnp.asarray(cov, jnp.result_type(float))  # factor in float64 when x64 is enabled
+    chol = jnp.linalg.cholesky(cov)
+    vals, vecs = jnp.linalg.eigh(cov)
+    root = vecs * jnp.sqrt(jnp.maximum(vals, 0.0))
+    return jnp.where(jnp.all(jnp.isfinite(chol)), chol, root).astype(dtype)
+
+
+def _prepare(params, spec, mean, cov, dtype, batch_dims=0):
+    """Validate (what is concrete) and cast params and input to the forward dtype."""
+    validate_params(params, spec, batch_dims)
     if not isinstance(mean, jax.core.Tracer) and not isinstance(cov, jax.core.Tracer):
         validate_gaussian_input(mean, cov, spec.input_dim)
-    for l, (W, b) in enumerate(layers):
-        for x in (W, b):
-            if x is not None and not isinstance(x, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(x))):
-                raise ValueError(f"layer {l} parameters contain NaN or Inf")
+    if dtype is None:
+        dtype = jnp.result_type(mean, *jax.tree_util.tree_leaves(params), float)
+    params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
+    return params, jnp.asarray(mean, dtype), _input_factor(cov, dtype)
 
 
-def monte_carlo(key, params, spec: MLPSpec, mean, cov, num_samples: int, chunk_size: int = 16384,
-                second_moments: bool = False) -> MCResult:
-    """Sample mean (and standard error, optionally E[x x^T]) of every layer over ``num_samples``
-    inputs ``x ~ N(mean (d,), cov (d, d))``, streamed in chunks of ``chunk_size``.
+# ----------------------------------------------------------------------------- public
 
-    Pure in (key, params, mean, cov): jit it with the other arguments static, vmap it over networks
-    (see :func:`monte_carlo_batched`). The forward pass runs in the dtype of ``mean``.
+
+def monte_carlo(key, params, spec: MLPSpec, mean, cov, num_samples: int, chunk_size: int | None = None,
+                second_moments: bool = False, dtype=jnp.float32) -> MCResult:
+    """Sample mean and standard error (optionally E[x x^T]) of every layer over ``num_samples``
+    inputs ``x ~ N(mean (d,), cov (d, d))``, streamed in chunks of ``chunk_size`` rows
+    (default :func:`default_chunk_size`).
+
+    Jitted, with ``spec``, ``num_samples``, ``chunk_size``, ``second_moments``, ``dtype`` static; may
+    itself be called under jit/vmap (inputs are validated when concrete). dtype: of the forward
+    pass; None keeps that of params and mean. Deterministic for a given key.
     """
-    _check(params, spec, mean, cov, num_samples, chunk_size)
-    mean = jnp.asarray(mean)
-    num_chunks = math.ceil(num_samples / chunk_size)
-    s = _scan_chunks(key, jnp.arange(num_chunks), params, spec, mean, _input_factor(jnp.asarray(cov, mean.dtype)),
-                     num_samples, chunk_size, second_moments)
-    return _result(s, num_samples)
+    _, chunk, num_chunks = _plan(num_samples, chunk_size)
+    params, mean, factor = _prepare(params, spec, mean, cov, dtype)
+    s = _run(key, params, mean, factor, spec=spec, num_samples=int(num_samples), chunk=chunk, num_chunks=num_chunks,
+             second_moments=second_moments)
+    return _result(s, int(num_samples))
 
 
-def monte_carlo_batched(key, batched_params, spec: MLPSpec, mean, cov, num_samples: int, chunk_size: int = 16384,
-                        second_moments: bool = False) -> MCResult:
-    """:func:`monte_carlo` vmapped over a leading network axis of ``batched_params`` (one key each)."""
-    num = jax.tree_util.tree_leaves(batched_params)[0].shape[0]
-    keys = jax.random.split(key, num)
-    fn = lambda k, p: monte_carlo(k, p, spec, mean, cov, num_samples, chunk_size, second_moments)  # noqa: E731
-    return jax.vmap(fn)(keys, batched_params)
+def monte_carlo_batched(key, batched_params, spec: MLPSpec, mean, cov, num_samples: int, chunk_size: int | None = None,
+                        second_moments: bool = False, dtype=jnp.float32) -> MCResult:
+    """:func:`monte_carlo` vmapped over a leading network axis of ``batched_params``; network ``i``
+    uses ``jax.random.split(key, B)[i]``. Every field of the result gains that leading axis."""
+    _, chunk, num_chunks = _plan(num_samples, chunk_size)
+    params, mean, factor = _prepare(batched_params, spec, mean, cov, dtype, batch_dims=1)
+    keys = jax.random.split(key, jax.tree_util.tree_leaves(params)[0].shape[0])
+    run = functools.partial(_run, mean=mean, factor=factor, spec=spec, num_samples=int(num_samples), chunk=chunk,
+                            num_chunks=num_chunks, second_moments=second_moments)
+    return _result(jax.vmap(run)(keys, params), int(num_samples))
 
 
-def monte_carlo_sharded(key, params, spec: MLPSpec, mean, cov, num_samples: int, chunk_size: int = 16384,
-                        second_moments: bool = False, mesh: jax.sharding.Mesh | None = None) -> MCResult:
-    """:func:`monte_carlo` with the chunks spread over the devices of a 1-D mesh (default: all
-    devices). Same chunks and keys as on one device, so the same answer up to merge order."""
-    _check(params, spec, mean, cov, num_samples, chunk_size)
-    mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()), ("chunks",))
-    axis = mesh.axis_names[0]
-    devices = mesh.shape[axis]
-    num_chunks = math.ceil(num_samples / chunk_size)
-    per_device = math.ceil(num_chunks / devices)
-    ids = np.full(devices * per_device, -1, np.int32)  # -1: padding, contributes nothing
-    ids[:num_chunks] = np.arange(num_chunks)
-    ids = ids.reshape(per_device, devices).T.reshape(-1)  # round-robin: balanced partial chunk
-    mean = jnp.asarray(mean)
-    factor = _input_factor(jnp.asarray(cov, mean.dtype))
-    P = jax.sharding.PartitionSpec
-    shard_map = getattr(jax, "shard_map", None) or __import__("jax.experimental.shard_map", fromlist=["shard_map"]).shard_map
-
-    def local(ids):
-        s = _scan_chunks(key, ids, params, spec, mean, factor, num_samples, chunk_size, second_moments)
-        return jax.tree_util.tree_map(lambda x: x[None], s)
-
-    parts = shard_map(local, mesh=mesh, in_specs=P(axis), out_specs=P(axis))(jnp.asarray(ids))
-    s = jax.tree_util.tree_map(lambda x: x[0], parts)
-    for d in range(1, devices):
-        s = _merge(s, jax.tree_util.tree_map(lambda x, d=d: x[d], parts))
-    return _result(s, num_samples)
+def monte_carlo_sharded(key, params, spec: MLPSpec, mean, cov, num_samples: int, mesh: jax.sharding.Mesh | None = None,
+                        chunk_size: int | None = None, second_moments: bool = False, dtype=jnp.float32) -> MCResult:
+    """:func:`monte_carlo` with the samples split evenly over the devices of a 1-D ``mesh``
+    (default: all devices); each device streams its share, the statistics are merged at the end.
+    Same samples as on one device, so the same result up to rounding in the merges."""
+    mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()), ("samples",))
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"need a 1-D mesh, got axes {mesh.axis_names}")
+    per_device, chunk, num_chunks = _plan(num_samples, chunk_size, mesh.size)
+    params, mean, factor = _prepare(params, spec, mean, cov, dtype)
+    s = _run_sharded(key, params, mean, factor, spec=spec, num_samples=int(num_samples), chunk=chunk,
+                     num_chunks=num_chunks, second_moments=second_moments, per_device=per_device, mesh=mesh)
+    return _result(s, int(num_samples))

@@ -49,7 +49,7 @@ def main(argv=None):
     p.add_argument("--width", type=int, default=256)
     p.add_argument("--layers", type=int, default=5)
     p.add_argument("--samples", default="4e6")
-    p.add_argument("--chunks", default="1024,4096,16384,65536")
+    p.add_argument("--chunks", default="1024,2048,4096,16384,65536")
     args = p.parse_args(argv)
     n, L, samples = args.width, args.layers, int(float(args.samples))
     spec = cj.MLPSpec(input_dim=n, width=n, output_dim=n, num_layers=L, activations=("relu",) * (L - 1))
