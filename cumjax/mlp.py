@@ -216,9 +216,13 @@ def init_params(key, spec: MLPSpec, init: Init = Init(), dtype=None):
 
     dtype: defaults to jax's default float (float32; float64 with x64 enabled). Raises ValueError if
     ``init`` draws nonzero biases and ``spec.use_bias`` is False."""
-    dtype = dtype or _default_float()
     init.resolve(spec)  # raise on a bad init before tracing
-    return jax.jit(MLP(spec, init, dtype).init)(key, jnp.zeros((1, spec.input_dim), dtype))  # one compile, not one per op
+    return _init_params(key, spec, init, jnp.dtype(dtype or _default_float()))
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))  # one compile per network shape, not one per eager op
+def _init_params(key, spec: MLPSpec, init: Init, dtype):
+    return MLP(spec, init, dtype).init(key, jnp.zeros((1, spec.input_dim), dtype))
 
 
 def layer_weights(params) -> list[tuple[jax.Array, jax.Array | None]]:
@@ -248,7 +252,7 @@ def validate_params(params, spec: MLPSpec, batch_dims: int = 0) -> list[tuple[An
         if b is not None and (np.ndim(b) != batch_dims + 1 or np.shape(b)[batch_dims:] != (fan_out,)):
             raise ValueError(f"layer {l}: bias shape {np.shape(b)}, expected {(fan_out,)} after {batch_dims} batch axes")
         for a in (W, b):
-            if a is not None and not isinstance(a, jax.core.Tracer) and not bool(jnp.all(jnp.isfinite(a))):
+            if a is not None and not isinstance(a, jax.core.Tracer) and not np.isfinite(np.asarray(a)).all():  # numpy: no compile per shape
                 raise ValueError(f"layer {l}: parameters contain NaN or Inf")
     return layers
 

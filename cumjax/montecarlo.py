@@ -125,13 +125,15 @@ _STATIC = ("spec", "num_samples", "chunk", "num_chunks", "second_moments")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _run(key, params, mean, factor, *, spec, num_samples, chunk, num_chunks, second_moments) -> _Stats:
+def _run(key, params, mean, cov, *, spec, num_samples, chunk, num_chunks, second_moments) -> _Stats:
+    factor = _input_factor(cov, mean.dtype)
     return _stream(key, params, spec, mean, factor, jnp.uint32(0), jnp.uint32(num_samples), num_chunks, chunk, second_moments)
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("per_device", "mesh"))
-def _run_sharded(key, params, mean, factor, *, spec, num_samples, chunk, num_chunks, second_moments, per_device, mesh) -> _Stats:
+def _run_sharded(key, params, mean, cov, *, spec, num_samples, chunk, num_chunks, second_moments, per_device, mesh) -> _Stats:
     axis = mesh.axis_names[0]
+    factor = _input_factor(cov, mean.dtype)
     P = jax.sharding.PartitionSpec
 
     def local(key, params, mean, factor):  # device d takes samples [d * per_device, (d + 1) * per_device)
@@ -171,11 +173,10 @@ def _plan(num_samples, chunk_size, devices: int = 1) -> tuple[int, int, int]:
 
 
 def _input_factor(cov, dtype):
-    """``F`` with ``F F^T = cov`` (Cholesky; symmetric eigen-root if singular) in ``dtype``, or None
-    for a concrete identity covariance (saves a d x d matmul per sample)."""
-    if not isinstance(cov, jax.core.Tracer) and np.array_equal(np.asarray(cov), np.eye(np.shape(cov)[0])):
+    """``F`` with ``F F^T = cov`` (Cholesky; symmetric eigen-root if singular) in ``dtype``; None
+    stands for the identity (saves a d x d matmul per sample)."""
+    if cov is None:
         return None
-    cov = jnp.asarray(cov, jnp.result_type(float))  # factor in float64 when x64 is enabled
     chol = jnp.linalg.cholesky(cov)
     vals, vecs = jnp.linalg.eigh(cov)
     root = vecs * jnp.sqrt(jnp.maximum(vals, 0.0))
@@ -190,7 +191,11 @@ def _prepare(params, spec, mean, cov, dtype, batch_dims=0):
     if dtype is None:
         dtype = jnp.result_type(mean, *jax.tree_util.tree_leaves(params), float)
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
-    return params, jnp.asarray(mean, dtype), _input_factor(cov, dtype)
+    if not isinstance(cov, jax.core.Tracer) and np.array_equal(np.asarray(cov), np.eye(np.shape(cov)[0])):
+        cov = None  # the identity: no factor needed
+    else:
+        cov = jnp.asarray(cov, jnp.result_type(float))  # factored in float64 when x64 is enabled
+    return params, jnp.asarray(mean, dtype), cov
 
 
 # ----------------------------------------------------------------------------- public
@@ -200,15 +205,16 @@ def monte_carlo(key, params, spec: MLPSpec, mean, cov, num_samples: int, chunk_s
                 second_moments: bool = False, dtype=jnp.float32) -> MCResult:
     """Sample mean and standard error (optionally E[x x^T]) of every layer over ``num_samples``
     inputs ``x ~ N(mean (d,), cov (d, d))``, streamed in chunks of ``chunk_size`` rows
-    (default :func:`default_chunk_size`).
+    (default :func:`default_chunk_size`; at most ``num_samples``).
 
-    Jitted, with ``spec``, ``num_samples``, ``chunk_size``, ``second_moments``, ``dtype`` static; may
-    itself be called under jit/vmap (inputs are validated when concrete). dtype: of the forward
-    pass; None keeps that of params and mean. Deterministic for a given key.
+    A jitted function of ``(key, params, mean, cov)``; ``spec``, the sizes, ``second_moments`` and
+    ``dtype`` are static. It may itself be called under jit/vmap (inputs are validated where
+    concrete). dtype: of the forward pass; None keeps that of params and mean. Deterministic for a
+    given key.
     """
     _, chunk, num_chunks = _plan(num_samples, chunk_size)
-    params, mean, factor = _prepare(params, spec, mean, cov, dtype)
-    s = _run(key, params, mean, factor, spec=spec, num_samples=int(num_samples), chunk=chunk, num_chunks=num_chunks,
+    params, mean, cov = _prepare(params, spec, mean, cov, dtype)
+    s = _run(key, params, mean, cov, spec=spec, num_samples=int(num_samples), chunk=chunk, num_chunks=num_chunks,
              second_moments=second_moments)
     return _result(s, int(num_samples))
 
@@ -218,9 +224,9 @@ def monte_carlo_batched(key, batched_params, spec: MLPSpec, mean, cov, num_sampl
     """:func:`monte_carlo` vmapped over a leading network axis of ``batched_params``; network ``i``
     uses ``jax.random.split(key, B)[i]``. Every field of the result gains that leading axis."""
     _, chunk, num_chunks = _plan(num_samples, chunk_size)
-    params, mean, factor = _prepare(batched_params, spec, mean, cov, dtype, batch_dims=1)
+    params, mean, cov = _prepare(batched_params, spec, mean, cov, dtype, batch_dims=1)
     keys = jax.random.split(key, jax.tree_util.tree_leaves(params)[0].shape[0])
-    run = functools.partial(_run, mean=mean, factor=factor, spec=spec, num_samples=int(num_samples), chunk=chunk,
+    run = functools.partial(_run, mean=mean, cov=cov, spec=spec, num_samples=int(num_samples), chunk=chunk,
                             num_chunks=num_chunks, second_moments=second_moments)
     return _result(jax.vmap(run)(keys, params), int(num_samples))
 
@@ -234,7 +240,7 @@ def monte_carlo_sharded(key, params, spec: MLPSpec, mean, cov, num_samples: int,
     if len(mesh.axis_names) != 1:
         raise ValueError(f"need a 1-D mesh, got axes {mesh.axis_names}")
     per_device, chunk, num_chunks = _plan(num_samples, chunk_size, mesh.size)
-    params, mean, factor = _prepare(params, spec, mean, cov, dtype)
-    s = _run_sharded(key, params, mean, factor, spec=spec, num_samples=int(num_samples), chunk=chunk,
+    params, mean, cov = _prepare(params, spec, mean, cov, dtype)
+    s = _run_sharded(key, params, mean, cov, spec=spec, num_samples=int(num_samples), chunk=chunk,
                      num_chunks=num_chunks, second_moments=second_moments, per_device=per_device, mesh=mesh)
     return _result(s, int(num_samples))

@@ -138,6 +138,7 @@ def _diagonal(core: Array, slot_of_axis: Sequence[int], m: int, n: int) -> Array
 
 
 Tower = dict  # degree -> RadialTensor
+_ROW_BLOCK_ENTRIES = 1 << 18  # slices larger than this are summed in blocks of rows
 
 
 # ----------------------------------------------------------------------------- linear step
@@ -228,23 +229,54 @@ class _NonlinearStep:
 
         def build():
             m, n, cfg = len(alpha), self.n, self.cfg
-            terms = dg.diagrams(alpha, cfg.k_max, cfg.kind, self.degrees, cfg.factored)
             by_orders = defaultdict(list)
-            for t in terms:
+            for t in dg.diagrams(alpha, cfg.k_max, cfg.kind, self.degrees, cfg.factored):
                 by_orders[t.orders].append(t)
-            total = jnp.zeros((n,) * m, self.mean.dtype)
+            factors, plan = {}, []  # broadcastable factor arrays; per Wick orders: terms and Wick keys
             for orders, group in by_orders.items():
-                inner = 0.0
+                terms = []
                 for t in group:
-                    prod = t.coef
+                    keys = []
                     for v in t.blocks:
-                        slots = [j for j in range(m) if v[j]]
-                        prod = prod * _place(self.block(tuple(v[j] for j in slots)), slots, m, n)
-                    inner = inner + prod
+                        slots = tuple(j for j in range(m) if v[j])
+                        key = ("b", tuple(v[j] for j in slots), slots)
+                        if key not in factors:
+                            factors[key] = _place(self.block(key[1]), slots, m, n)
+                        keys.append(key)
+                    terms.append((t.coef, keys))
+                wick_keys = []
                 for j, (o, p) in enumerate(zip(orders, alpha)):
-                    inner = inner * _place(self.wick(o, p), (j,), m, n)
-                total = total + inner
-            return total
+                    key = ("w", o, p, j)
+                    if key not in factors:
+                        factors[key] = _place(self.wick(o, p), (j,), m, n)
+                    wick_keys.append(key)
+                plan.append((terms, wick_keys))
+
+            def evaluate(f, shape):
+                total = jnp.zeros(shape, self.mean.dtype)
+                for terms, wick_keys in plan:
+                    inner = 0.0
+                    for coef, keys in terms:
+                        prod = coef
+                        for key in keys:
+                            prod = prod * f[key]
+                        inner = inner + prod
+                    for key in wick_keys:
+                        inner = inner * f[key]
+                    total = total + inner
+                return total
+
+            if n ** m <= _ROW_BLOCK_ENTRIES:
+                return evaluate(factors, (n,) * m)
+            # Large slices: sum the diagrams block of rows by block of rows so every intermediate
+            # stays cache-sized instead of streaming O(terms) full (n,)*m arrays through memory.
+            rows = max(d for d in range(1, n + 1) if n % d == 0 and d * n ** (m - 1) <= _ROW_BLOCK_ENTRIES) if n ** (m - 1) <= _ROW_BLOCK_ENTRIES else 1
+
+            def block(i):
+                f = {k: jax.lax.dynamic_slice_in_dim(x, i * rows, rows, 0) if x.shape[0] == n else x for k, x in factors.items()}
+                return evaluate(f, (rows,) + (n,) * (m - 1))
+
+            return jax.lax.map(block, jnp.arange(n // rows)).reshape((n,) * m)
 
         return self._cached(("p", alpha), build)
 

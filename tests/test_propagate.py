@@ -1,5 +1,6 @@
 """Cumulant propagation: reference goldens, closed forms, gradients, vmap, bad input."""
 import glob
+import importlib
 import json
 import math
 import os
@@ -231,3 +232,22 @@ def test_higher_orders_are_more_accurate_than_sampling_noise_allows_to_doubt():
            for k in (1, 2, 3)}
     assert mse[1] > 3 * mse[2] > 9 * mse[3], mse
     assert mse[3] > floor, (mse, floor)  # the comparison above is not noise
+
+
+ROW_BLOCK_CASES = [
+    pytest.param(p, marks=[] if "cases/p012" in p else [pytest.mark.slow], id=_ids([p])[0])
+    for p in GOLDEN_FILES if any(s in p for s in ("cases/p012", "cases/p011", "kprop/p063"))
+]
+
+
+@pytest.mark.parametrize("path", ROW_BLOCK_CASES)
+def test_row_blocked_diagram_sums_match_golden(path, monkeypatch):
+    """Large slices are summed in blocks of rows (lax.map); force that path on small goldens."""
+    prop = importlib.import_module("cumjax.propagate")  # the package re-exports a function of that name
+
+    monkeypatch.setattr(prop, "_ROW_BLOCK_ENTRIES", 64)
+    z, meta, layers, config = _load(path)
+    out = jax.jit(lambda ls: propagate(ls, meta["nonlin"], jnp.asarray(z["Kin_1"]), jnp.asarray(z["Kin_2"]), config, meta["init_scale"]))(layers)
+    for key, label, d, golden in _golden_arrays(z):
+        err = np.abs(np.asarray(out[label][d].dense()) - golden).max()
+        assert err <= 1e-9 * np.abs(golden).max() + 1e-12, key
