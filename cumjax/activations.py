@@ -162,7 +162,9 @@ def gaussian_expectation(name: str, k: int, p: int, mean, var) -> jax.Array:
     mean, var: arrays broadcast together, shape (...); returns shape (...), their float dtype.
     k >= 0, p >= 1: static Python ints. jit/vmap/grad-safe in mean and var. Variances below 1e-10
     are clamped. Closed forms for relu, heaviside, sgn, abs, square and cube; gelu, sigmoid and
-    tanh use a 100-node Gauss-Hermite rule (the reference's; see tests for its accuracy).
+    tanh use the reference's 100-node Gauss-Hermite rule; its measured error (relative to max(1, |value|),
+    k <= 5, p <= 4) is <= 1e-8 for var <= 1; at var 2.5 gelu 5e-10, sigmoid 2e-13, tanh 6e-6; at var 9
+    gelu 4e-6, sigmoid 7e-8, tanh 2e-3 (tanh's poles at +-i pi/2 slow convergence as var grows).
     """
     check_activation(name)
     if k < 0 or p < 1:

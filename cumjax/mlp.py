@@ -65,7 +65,8 @@ class MLPSpec:
     @property
     def labels(self) -> tuple[str, ...]:
         """``("pre0", "act0", ..., "act{L-2}", "pre{L-1}")`` (see the module docstring)."""
-        return tuple(f"{kind}{l}" for l in range(self.num_layers) for kind in ("pre", "act") if kind == "pre" or l < self.num_layers - 1)
+        L = self.num_layers
+        return tuple(f"{kind}{l}" for l in range(L) for kind in ("pre", "act") if kind == "pre" or l < L - 1)
 
     def with_bias_for(self, init: Init) -> MLPSpec:
         """This spec with ``use_bias`` turned on if ``init`` draws any nonzero bias."""
@@ -131,7 +132,8 @@ class Init:
         b_var, b_mean = _per_layer(self.b_var, L, "b_var"), _per_layer(self.b_mean, L, "b_mean")
         if self.kind == "manual":
             return _per_layer(self.w_var, L, "w_var"), b_var, b_mean
-        w_var = (1.0,) + tuple(1.0 / float(gaussian_expectation(act, 0, 2, b_mean[l], 1.0)) for l, act in enumerate(spec.activations))
+        second = [float(gaussian_expectation(act, 0, 2, b_mean[l], 1.0)) for l, act in enumerate(spec.activations)]
+        w_var = (1.0,) + tuple(1.0 / s for s in second)
         return w_var, b_var, b_mean
 
     def bias_layers(self, spec: MLPSpec) -> tuple[bool, ...]:
@@ -252,7 +254,8 @@ def validate_params(params, spec: MLPSpec, batch_dims: int = 0) -> list[tuple[An
         if b is not None and (np.ndim(b) != batch_dims + 1 or np.shape(b)[batch_dims:] != (fan_out,)):
             raise ValueError(f"layer {l}: bias shape {np.shape(b)}, expected {(fan_out,)} after {batch_dims} batch axes")
         for a in (W, b):
-            if a is not None and not isinstance(a, jax.core.Tracer) and not np.isfinite(np.asarray(a)).all():  # numpy: no compile per shape
+            # numpy, not jnp: no compile per shape
+            if a is not None and not isinstance(a, jax.core.Tracer) and not np.isfinite(np.asarray(a)).all():
                 raise ValueError(f"layer {l}: parameters contain NaN or Inf")
     return layers
 

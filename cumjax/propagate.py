@@ -266,10 +266,11 @@ class _NonlinearStep:
                     total = total + inner
                 return total
 
-            if n ** m <= _ROW_BLOCK_ENTRIES:
+            if m < 4 or n ** m <= _ROW_BLOCK_ENTRIES:
                 return evaluate(factors, (n,) * m)
-            # Large slices: sum the diagrams block of rows by block of rows so every intermediate
-            # stays cache-sized instead of streaming O(terms) full (n,)*m arrays through memory.
+            # Large 4-slot slices (k_max = 4): sum the diagrams block of rows by block of rows so
+            # every intermediate stays cache-sized instead of streaming O(terms) full (n,)^4 arrays
+            # through memory (measured 1.7x faster at width 64; for 3-slot slices it was slower).
             rows = max(d for d in range(1, n + 1) if n % d == 0 and d * n ** (m - 1) <= _ROW_BLOCK_ENTRIES) if n ** (m - 1) <= _ROW_BLOCK_ENTRIES else 1
 
             def block(i):

@@ -145,7 +145,7 @@ def test_finite_at_vanishing_variance_and_large_alpha(dtype, mean, var):
             for p in (1, 2, 3):
                 out = gaussian_expectation(name, k, p, mean, var)
                 assert out.dtype == dtype and bool(jnp.all(jnp.isfinite(out))), (name, k, p)
-        if dtype == jnp.float64:  # (float32 gradients are the same graph; skipping them halves the runtime)
+        if dtype == jnp.float64:  # float32 warm-up of the gradient graph is slow; one dtype suffices
             for k in (0, 3):
                 grads = jax.vmap(jax.grad(lambda m, v: gaussian_expectation(name, k, 2, m, v), argnums=(0, 1)))(mean, var)
                 assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads), (name, k)
@@ -156,7 +156,7 @@ def test_dtype_broadcast_jit_vmap():
     assert x32.dtype == jnp.float32 and x32.shape == (2, 3)
     assert gaussian_expectation("relu", 0, 1, 0, 1).dtype == jnp.float64  # ints -> default float
     m = jnp.linspace(-1, 1, 5)
-    for name in ("gelu", "relu", "cube", "sgn"):
+    for name in ("gelu", "relu"):  # a quadrature and a closed form
         f = jax.jit(jax.vmap(lambda mi: gaussian_expectation(name, 2, 1, mi, 1.0)))
         np.testing.assert_allclose(f(m), gaussian_expectation(name, 2, 1, m, 1.0), rtol=1e-13, atol=1e-15)
     g = jax.jit(jax.grad(lambda v: gaussian_expectation("sigmoid", 0, 1, 0.2, v)))

@@ -70,10 +70,11 @@ def test_samples_do_not_depend_on_chunking():
     spec, params, ref = _chunked(2500)
     jax.tree_util.tree_map(np.testing.assert_array_equal, _chunked(2500)[2], ref)
     assert ref.num_samples == 10_000 and ref.mean["act1"].dtype == jnp.float64  # float64 accumulation (x64 on)
-    for c in (3000, 1 << 16):  # 4 chunks, the last one partial; one chunk, clipped to N
-        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), _chunked(c)[2], ref)
-    # a float64 forward pass (float64 normals: other samples): chunkings agree to float64 rounding
-    a, b = (_chunked(c, dtype=None)[2] for c in (2500, 3000))
+    # 4 chunks, the last one partial: float32 per-chunk sums differ in rounding only
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), _chunked(3000)[2], ref)
+    # a float64 forward pass (float64 normals: other samples) in 4 chunks or in one (the chunk
+    # size clipped to N): equal to float64 rounding
+    a, b = (_chunked(c, dtype=None)[2] for c in (2500, 1 << 16))
     assert a.mean["pre2"].dtype == jnp.float64
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-12, atol=1e-14), a, b)
 
@@ -90,7 +91,8 @@ def test_float32_accumulation_without_x64():
 
 def test_jit_over_the_sampler():
     spec, params, want = _chunked(2500)
-    mc = jax.jit(lambda p, k: cj.monte_carlo(k, p, spec, jnp.full(8, 0.1), jnp.eye(8), 10_000, chunk_size=2500, second_moments=True))
+    mc = jax.jit(lambda p, k: cj.monte_carlo(k, p, spec, jnp.full(8, 0.1), jnp.eye(8), 10_000, chunk_size=2500,
+                                             second_moments=True))
     got = mc(params, KEY)
     assert got.num_samples == 10_000
     jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), got, want)

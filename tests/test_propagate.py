@@ -236,7 +236,7 @@ def test_higher_orders_are_more_accurate_than_sampling_noise_allows_to_doubt():
 
 ROW_BLOCK_CASES = [
     pytest.param(p, marks=[] if "cases/p012" in p else [pytest.mark.slow], id=_ids([p])[0])
-    for p in GOLDEN_FILES if any(s in p for s in ("cases/p012", "cases/p011", "kprop/p063"))
+    for p in GOLDEN_FILES if any(s in p for s in ("cases/p012", "cases/p013"))
 ]
 
 
