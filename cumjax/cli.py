@@ -33,9 +33,9 @@ def compare(args) -> dict:
     # float32 unless --x64 (every array below is created in `dtype`).
     jax.config.update("jax_enable_x64", True)
     dtype = jnp.float64 if args.x64 else jnp.float32
-    spec = MLPSpec(input_dim=args.width, width=args.width, output_dim=args.width, num_layers=args.layers,
-                   activations=(args.activation,) * (args.layers - 1), use_bias=args.bias_mean != 0 or args.bias_var > 0)
     init = Init(kind=args.init, q_star=args.q_star, w_var=args.w_var, b_var=args.bias_var, b_mean=args.bias_mean)
+    spec = MLPSpec(input_dim=args.width, width=args.width, output_dim=args.width, num_layers=args.layers,
+                   activations=(args.activation,) * (args.layers - 1)).with_bias_for(init)
     configs = [PropagationConfig(k_max=k, kind=kind, avg_metric=args.avg_metric, output_degree=1)
                for k in args.orders for kind in args.kinds]
     samples = int(float(args.samples))

@@ -41,3 +41,10 @@ def test_bench_orders_smoke(tmp_path):
     # resume: a second run finds everything done and recomputes nothing
     again = bench_orders.main(["--config", os.path.join(ROOT, "configs", "bench_orders_smoke.json"), "--out", str(tmp_path)])
     assert again["accuracy"] == results["accuracy"]
+
+
+def test_compare_with_critical_init_and_biases(capsys):
+    # critical init draws biases: the CLI must build a spec with biases for it
+    assert cli.main(["compare", "--width", "8", "--layers", "3", "--orders", "1,2", "--kinds", "simple", "--samples", "4096",
+                     "--activation", "tanh", "--init", "critical", "--q-star", "1.0"]) == 0
+    assert "critical" in capsys.readouterr().out
