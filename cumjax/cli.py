@@ -6,7 +6,6 @@ import dataclasses
 import json
 import os
 import sys
-import tempfile
 import time
 
 import jax
@@ -18,6 +17,7 @@ from .activations import ACTIVATIONS
 from .mlp import Init, MLPSpec, init_params
 from .montecarlo import forward_flops, monte_carlo
 from .propagate import PropagationConfig, estimate_mean
+from .results import write_json_atomic
 
 
 def _timed(compiled, *args):
@@ -88,16 +88,6 @@ def _print_table(result):
         print(f"{r['estimator']:<24}{r['mse']:>12.3e}{r['mse_minus_noise']:>12.3e}{r['flops']:>12.3e}{ratio:>16}{r['run_s']:>9.3f}{r['compile_s']:>11.2f}")
     print("MC FLOPs/FLOPs: FLOPs Monte Carlo needs to reach the estimator's MSE (noise floor removed) over the "
           "estimator's own FLOPs; 'below floor' means the estimator's error is under the ground truth's noise.")
-
-
-def write_json_atomic(obj, path):
-    """Write JSON so a reader never sees a partial file (temp file + rename)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 
 def _parser():

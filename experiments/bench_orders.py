@@ -27,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import cumjax as cj  # noqa: E402
-from cumjax.cli import write_json_atomic  # noqa: E402
+from cumjax.results import write_json_atomic  # noqa: E402
 
 
 def _net(seed, width, layers, activation, dtype):
