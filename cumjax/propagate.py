@@ -13,7 +13,7 @@ import itertools
 import math
 import os
 import string
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Mapping, Sequence
 
 import jax
@@ -22,6 +22,7 @@ import numpy as np
 
 from . import diagrams as dg
 from . import activations as _act
+from .factored import FactoredTensor, Net, contract, from_leaf_groups, refactor
 
 Array = jax.Array
 _LETTERS = string.ascii_letters
@@ -154,6 +155,9 @@ def _linear_step(tower: Tower, W: Array, b: Array | None, metric, degrees) -> To
     out = {}
     for d, t in tower.items():
         if d not in degrees:
+            continue
+        if isinstance(t, FactoredTensor):
+            out[d] = t.linear(W)
             continue
         core = t.core
         for _ in range(core.ndim):  # one leg at a time: axes cycle back to their order
@@ -335,18 +339,202 @@ class _NonlinearStep:
         return top.reshape((n,) * d)
 
     def output(self) -> Tower:
-        out = {}
-        for d, r in dg.tracked_degrees(self.cfg.k_max, self.cfg.kind).items():
-            if r == 0:
-                core = self.dense(self.cumulant, d)
-            else:
-                core = 0.0
-                coefs = dg.radial_core_coefs(self.n, d, r)
-                for j, c in zip(range(r, d // 2 + 1), coefs):
-                    tr = self.dense(lambda a, j=j: self.traced(d, j, a), d - 2 * j)
-                    core = core + c * RadialTensor(tr, j - r, None, self.n).dense()
-            out[d] = RadialTensor(core, r, None, self.n)
-        return out
+        return {d: self.output_degree(d, r) for d, r in dg.tracked_degrees(self.cfg.k_max, self.cfg.kind).items()}
+
+    def output_degree(self, d: int, r: int):
+        """The tracked degree-d cumulant of phi(Z) with radial index r."""
+        if r == 0:
+            return RadialTensor(self.dense(self.cumulant, d))
+        core = 0.0
+        coefs = dg.radial_core_coefs(self.n, d, r)
+        for j, c in zip(range(r, d // 2 + 1), coefs):
+            tr = self.dense(lambda a, j=j: self.traced(d, j, a), d - 2 * j)
+            core = core + c * RadialTensor(tr, j - r, None, self.n).dense()
+        return RadialTensor(core, r, None, self.n)
+
+
+class _FactoredStep(_NonlinearStep):
+    """The nonlinear step with the top degree k = k_max (3 or 4) in low-rank form.
+
+    Slices on fewer than k slots are dense as in :class:`_NonlinearStep` (the factored input's
+    non-top slices are read from its factors). Slices on k slots are never materialised: the
+    all-distinct slice of the new top cumulant goes straight to factored form (hypertree diagrams,
+    each split at a leaf slot as ``E[i, j] X[j, ...]``), and the other k-slot slices (augment only)
+    are tensor networks contracted by the traces that consume them.
+    """
+
+    def __init__(self, tower, activation, config):
+        super().__init__(tower, activation, config)
+        self.k = config.k_max
+        self.top = (1,) * self.k
+
+    def block(self, pattern):
+        t = self.tower[sum(pattern)]
+        if not isinstance(t, FactoredTensor):
+            return super().block(pattern)
+        assert len(pattern) < self.k, "the all-distinct top slice exists only in factored form"
+        return self._cached(("b", pattern), lambda: t.slice(pattern))
+
+    def power_cumulant(self, alpha):
+        assert len(alpha) < self.k, "k-slot power cumulants are networks (power_net)"
+        return super().power_cumulant(alpha)
+
+    # ---- k-slot networks
+
+    def block_net(self, v) -> Net:
+        """Block ``v`` (a vector over the k slots) as a network."""
+        m = self.k
+        slots = tuple(j for j in range(m) if v[j])
+        pattern = tuple(v[j] for j in slots)
+        t = self.tower[sum(pattern)]
+        if len(slots) < m:
+            return Net.leaf(m, self.block(pattern), slots, len(set(pattern)) == 1)
+        if isinstance(t, FactoredTensor):
+            return t.net(slots, m)
+        # A radial block on all k slots: its slice terms are products of core diagonals and
+        # metric edges on fewer slots (paper sec. 5.3), kept as separate factors.
+        return self._cached(("rnet", pattern), lambda: self._radial_net(t, pattern))
+
+    def _radial_net(self, t: RadialTensor, pattern) -> Net:
+        m, n = len(pattern), self.n
+        full = t.metric is not None and t.metric.ndim == 2
+        diag = t._metric_diag()
+        terms = []
+        for coef, a, edges in dg.radial_slice_terms(tuple(pattern), t.r, full):
+            asl = [j for j in range(m) if a[j]]
+            core = _diagonal(t.core, [asl.index(j) for j in range(m) for _ in range(a[j])], len(asl), n)
+            fs = [(jnp.reshape(core, (n,) * len(asl)), tuple(asl), len({a[j] for j in asl}) <= 1)]
+            for j, l in edges:
+                fs.append((diag, (j,), True) if j == l else (t.metric, tuple(sorted((j, l))), True))
+            terms.append((coef, tuple(fs)))
+        return Net(m, terms)
+
+    def wick_net(self, orders, alpha) -> Net:
+        fs = tuple((self.wick(o, p), (j,), True) for j, (o, p) in enumerate(zip(orders, alpha)))
+        return Net(self.k, [(1.0, fs)])
+
+    def power_net(self, alpha) -> Net:
+        """Power-cumulant slice ``alpha`` (k slots, not all ones) as a network: the diagram sum."""
+
+        def build():
+            total = Net(self.k)
+            for t in dg.diagrams(alpha, self.cfg.k_max, self.cfg.kind, self.degrees, True):
+                term = self.wick_net(t.orders, alpha) * t.coef
+                for v in t.blocks:
+                    term = term * self.block_net(v)
+                total = total + term
+            return total
+
+        return self._cached(("pnet", alpha), build)
+
+    def cumulant_net(self, alpha) -> Net:
+        """Cumulant slice ``alpha`` (k slots) as a network (not zeroed on coincident indices)."""
+
+        def build():
+            m, total = self.k, Net(self.k)
+            for coef, pieces in dg.cumulant_from_power_cumulants(alpha):
+                term = Net(m, [(coef, ())])
+                for v in pieces:
+                    slots = tuple(j for j in range(m) if v[j])
+                    if len(slots) == m:
+                        term = term * (self.top_factored().net(range(m), m) if v == self.top else self.power_net(v))
+                    else:
+                        pk = _sorted_view(self.power_cumulant, tuple(v[j] for j in slots))
+                        term = term * Net.leaf(m, pk, slots)
+                total = total + term
+            return total
+
+        return self._cached(("knet", alpha), build)
+
+    def top_factored(self) -> FactoredTensor:
+        """All-distinct slice of the new top cumulant (= its power cumulant) in factored form."""
+
+        def build():
+            k, n = self.k, self.n
+            # Isomorphic diagrams contribute the same symmetrised term: keep one per class.
+            classes = Counter()
+            for t in dg.diagrams(self.top, k, self.cfg.kind, self.degrees, True):
+                canon = min(tuple(sorted(tuple(v[p] for p in perm) for v in t.blocks)) for perm in itertools.permutations(range(k)))
+                classes[(t.coef, canon)] += 1
+            direct = []  # the input's own top block, scaled on every leg
+            groups: dict = {}  # leaf factor key -> (E factors, summed X)
+            for (coef, blocks), count in sorted(classes.items()):
+                orders = tuple(sum(v[j] for v in blocks) for j in range(k))
+                if len(blocks) == 1 and isinstance(self.tower[k], FactoredTensor) and blocks[0] == self.top:
+                    direct.append(self.tower[k].scale_legs(self.wick(1, 1), coef * count))
+                    continue
+                term = self.wick_net(orders, self.top) * (coef * count)
+                for v in blocks:
+                    term = term * self.block_net(v)
+                for c, fs in term.terms:
+                    self._add_leaf_term(groups, c, fs)
+            out = [from_leaf_groups([(contract(E, (0, 1), n, self.mean.dtype), X) for E, X in groups.values()], k, n)] if groups else []
+            out = direct + out
+            res = out[0]
+            for f in out[1:]:
+                res = res.concat(f)
+            return res
+
+        return self._cached(("top",), build)
+
+    def _add_leaf_term(self, groups, c, fs):
+        """Split a hypertree term at a leaf slot i (all its factors within one pair {i, j}):
+        relabel i -> 0, j -> 1, and add ``c * X`` (the rest, dense over slots 1..k-1) to the
+        group of its leaf factor E (the factors on {0, 1} touching 0)."""
+        k, n = self.k, self.n
+        nbrs = {i: set() for i in range(k)}
+        for _, lab, _ in fs:
+            for i in lab:
+                nbrs[i] |= set(lab) - {i}
+        leaves = [i for i in range(k) if len(nbrs[i]) == 1] + [i for i in range(k) if not nbrs[i]]
+        if not leaves:
+            raise AssertionError(f"term without a leaf slot: {[lab for _, lab, _ in fs]}")
+        i = leaves[0]
+        j = next(iter(nbrs[i])) if nbrs[i] else min(s for s in range(k) if s != i)
+        order = [i, j] + [s for s in range(k) if s not in (i, j)]
+        mp = {old: new for new, old in enumerate(order)}
+        fs = [(a, tuple(sorted(mp[l] for l in lab)) if sym else tuple(mp[l] for l in lab), sym) for a, lab, sym in fs]
+        E = [(a, lab) for a, lab, _ in fs if 0 in lab]
+        X = [(a, lab) for a, lab, _ in fs if 0 not in lab]
+        key = tuple(sorted((id(a), lab) for a, lab in E))
+        x = c * contract(X, range(1, k), n, self.mean.dtype)
+        if key in groups:
+            groups[key] = (groups[key][0], groups[key][1] + x)
+        else:
+            groups[key] = (E, x)
+
+    # ---- consumers of k-slot slices
+
+    def cumulant(self, alpha):
+        if len(alpha) == self.k:
+            raise AssertionError("k-slot cumulant slices are networks (cumulant_net)")
+        return super().cumulant(alpha)
+
+    def traced(self, d, j, beta):
+        if j == 0 or len(beta) + 1 < self.k:
+            return super().traced(d, j, beta)
+        assert j == 1 and len(beta) + 1 == self.k, (d, j, beta)
+
+        def build():
+            m = len(beta)
+            total = 0.0
+            for i in range(m):
+                total = total + _sorted_view(self.cumulant, beta[:i] + (beta[i] + 2,) + beta[i + 1 :])
+            last = beta + (2,)
+            order = sorted(range(m + 1), key=lambda s: -last[s])
+            net = self.cumulant_net(tuple(last[s] for s in order)).relabel({t: order[t] for t in range(m + 1)})
+            return total + net.masked_sum_last(self.n, self.mean.dtype)
+
+        return self._cached(("t", d, j, beta), build)
+
+    def output_degree(self, d, r):
+        if d != self.k:
+            return super().output_degree(d, r)
+        top = self.top_factored()
+        # Non-top slices: the true dense ones minus what the factored top already puts there,
+        # re-factored (rank n) and appended.
+        slices = {beta: _zero_coincident(self.cumulant(beta) - top.slice(beta)) for beta in dg.int_partitions(d) if beta != self.top}
+        return top.concat(refactor(slices, d, self.n, self.mean.dtype))
 
 
 # ----------------------------------------------------------------------------- driver
@@ -409,9 +597,12 @@ def propagate(
             return w_var
         return "diag" if config.k_max == 1 else "exact"
 
+    factored = config.factored and config.k_max >= 3
+    step = _FactoredStep if factored else _NonlinearStep
+
     def hidden_layer(tower, W, b, act, w_var):
         pre = _linear_step(tower, W, b, hidden_metric(w_var), list(tower))
-        return pre, _NonlinearStep(pre, act, config).output()
+        return pre, step(pre, act, config).output()
 
     L = len(layers)
     w_vars = [None] * L if weight_variances is None else [float(v) for v in weight_variances]
@@ -419,7 +610,11 @@ def propagate(
     # Hidden layers after the first share one tower structure: with equal shapes and
     # activations, scan over them so compile time does not grow with depth.
     scan_from, scan_to = 1, L - 1
-    scannable = not unroll and scan_to - scan_from >= 2 and len({activations[l] for l in range(scan_from, scan_to)}) == 1
+    # The factored top cumulant's rank grows by O(n) per layer, so layers differ in shape and
+    # cannot share a scan body; padding every layer to the last layer's rank would multiply the
+    # early layers' cost (up to ~L/2 times on average), so the factored path is unrolled: compile
+    # time grows with depth instead.
+    scannable = not unroll and not factored and scan_to - scan_from >= 2 and len({activations[l] for l in range(scan_from, scan_to)}) == 1
     scannable = scannable and len({(layers[l][0].shape, layers[l][1] is None) for l in range(scan_from, scan_to)}) == 1
     l = 0
     while l < L - 1:

@@ -1,0 +1,226 @@
+"""Low-rank symmetric tensors and lazily contracted tensor-network sums for the factored k=3/4
+estimator (ARC, arXiv 2605.05179, "factored" variant).
+
+* :class:`FactoredTensor` stores a symmetric degree-d tensor as ``Sym(sum_r (x)_p parts[p][..., r])``:
+  k = 3 uses three ``(n, R)`` parts (CP form), k = 4 two ``(n, n, R)`` parts, each symmetric in its
+  own legs. Memory O(n R) / O(n^2 R) instead of O(n^d).
+* :class:`Net` is a sum of tensor networks over ``m`` slot indices: the top-degree slices of the
+  nonlinear step are built as networks (products of block slices and per-neuron vectors) and only
+  ever contracted to at most ``m - 1`` free indices or converted to factored form, never
+  materialised as ``(n,)*m`` arrays.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import string
+from collections import Counter
+from functools import lru_cache
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+_LETTERS = string.ascii_letters
+_RANK = 50  # einsum label of a factored tensor's rank index (slot labels are small ints)
+_fresh = itertools.count(100)  # internal labels of networks (fresh per network built)
+
+
+def contract(factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int], n: int, dtype) -> Array:
+    """``einsum`` of ``(array, labels)`` factors onto the labels ``out`` (summing the others);
+    output labels no factor carries are broadcast. Returns an ``(n,)*len(out)`` array."""
+    letter: dict[int, str] = {}
+    name = lambda l: letter.setdefault(l, _LETTERS[len(letter)])  # noqa: E731
+    present = {l for _, labels in factors for l in labels}
+    subs = ",".join("".join(name(l) for l in labels) for _, labels in factors)
+    kept = [l for l in out if l in present]
+    arrays = [a for a, _ in factors]
+    if not arrays:
+        res = jnp.ones((), dtype)
+    else:
+        res = jnp.einsum(subs + "->" + "".join(name(l) for l in kept), *arrays, optimize="auto")
+    res = jnp.reshape(res, [n if l in present else 1 for l in out])
+    return jnp.broadcast_to(res, (n,) * len(out))
+
+
+@lru_cache(maxsize=None)
+def _assignments(legs: tuple[int, ...], pattern: tuple[int, ...]) -> tuple[tuple[float, tuple[tuple[int, ...], ...]], ...]:
+    """Entries of ``Sym(parts)`` at slot pattern ``pattern``: ``(weight, slot labels per part)``
+    averaged over the ``d!`` ways to put the legs on the positions; a part's labels are sorted
+    (parts are symmetric in their own legs), so equal assignments merge."""
+    positions = [j for j, c in enumerate(pattern) for _ in range(c)]
+    d = len(positions)
+    offsets = [sum(legs[:p]) for p in range(len(legs))]
+    counts = Counter()
+    for perm in itertools.permutations(range(d)):
+        counts[tuple(tuple(sorted(positions[perm[o + t]] for t in range(l))) for o, l in zip(offsets, legs))] += 1
+    total = math.factorial(d)
+    return tuple((c / total, labels) for labels, c in sorted(counts.items()))
+
+
+@jax.tree_util.register_pytree_node_class
+class FactoredTensor:
+    """Symmetric degree-d tensor ``Sym(sum_r (x)_p parts[p][..., r])``.
+
+    parts: arrays of shape ``(n,)*legs[p] + (R,)``, each symmetric in its leading legs; the
+    degree is ``sum(legs)``. k = 3: legs (1, 1, 1); k = 4: legs (2, 2).
+    """
+
+    def __init__(self, parts: Sequence[Array], legs: tuple[int, ...], n: int):
+        self.parts, self.legs, self.n = tuple(parts), tuple(legs), n
+
+    def tree_flatten(self):
+        return self.parts, (self.legs, self.n)
+
+    @classmethod
+    def tree_unflatten(cls, aux, children):
+        return cls(children, *aux)
+
+    @property
+    def degree(self) -> int:
+        return sum(self.legs)
+
+    @property
+    def rank(self) -> int:
+        return self.parts[0].shape[-1]
+
+    def __repr__(self):
+        return f"FactoredTensor(degree={self.degree}, n={self.n}, rank={self.rank}, legs={self.legs})"
+
+    def concat(self, other: "FactoredTensor") -> "FactoredTensor":
+        assert self.legs == other.legs
+        return FactoredTensor([jnp.concatenate([a, b], axis=-1) for a, b in zip(self.parts, other.parts)], self.legs, self.n)
+
+    def linear(self, W: Array) -> "FactoredTensor":
+        """The cumulant of ``x @ W``: every leg contracted with W (O(n_in n_out R) per leg)."""
+        parts = []
+        for p, l in zip(self.parts, self.legs):
+            for _ in range(l):  # contract the leading leg; its new index goes just before the rank
+                p = jnp.moveaxis(jnp.tensordot(p, W, axes=([0], [0])), -1, l - 1)
+            parts.append(p)
+        return FactoredTensor(parts, self.legs, W.shape[1])
+
+    def scale_legs(self, v: Array, coef=1.0) -> "FactoredTensor":
+        """``coef * T * (v (x) ... (x) v)`` (the same per-neuron factor on every leg)."""
+        parts = []
+        for i, (p, l) in enumerate(zip(self.parts, self.legs)):
+            for t in range(l):
+                p = p * jnp.reshape(v, [self.n if s == t else 1 for s in range(l)] + [1])
+            parts.append(p * coef if i == 0 else p)
+        return FactoredTensor(parts, self.legs, self.n)
+
+    def slice(self, pattern: Sequence[int]) -> Array:
+        """Entries at distinct neurons repeated ``pattern`` times: ``(n,)*len(pattern)``
+        (coincident entries hold the tensor's values there, not zeros). O(n^m R)."""
+        m = len(pattern)
+        total = 0.0
+        for w, labels in _assignments(self.legs, tuple(pattern)):
+            total = total + w * contract([(p, lab + (_RANK,)) for p, lab in zip(self.parts, labels)], range(m), self.n, self.parts[0].dtype)
+        return total
+
+    def dense(self) -> Array:
+        """The full ``(n,)*d`` array (tests only: O(n^d R))."""
+        return self.slice((1,) * self.degree)
+
+    def net(self, slots: Sequence[int], m: int) -> "Net":
+        """The tensor on the distinct ``slots`` (one per leg) of an ``m``-slot network."""
+        terms = []
+        for w, labels in _assignments(self.legs, (1,) * self.degree):
+            r = next(_fresh)
+            terms.append((w, tuple((p, tuple(slots[s] for s in lab) + (r,), False) for p, lab in zip(self.parts, labels))))
+        return Net(m, terms)
+
+
+class Net:
+    """``sum_t coef_t * contraction of factors_t`` over ``m`` slot labels ``0..m-1``.
+
+    A factor is ``(array, labels, symmetric)``; labels >= 100 are internal (summed). ``symmetric``
+    marks arrays invariant under permuting their axes (labels are then kept sorted, so identical
+    factors compare equal). Only ever contracted down to fewer free labels.
+    """
+
+    def __init__(self, m: int, terms=()):
+        self.m, self.terms = m, list(terms)
+
+    @staticmethod
+    def leaf(m: int, array: Array, slots: tuple[int, ...], symmetric: bool = False) -> "Net":
+        labels = tuple(sorted(slots)) if symmetric else tuple(slots)
+        return Net(m, [(1.0, ((array, labels, symmetric),))])
+
+    def __add__(self, other: "Net") -> "Net":
+        return Net(self.m, self.terms + other.terms)
+
+    def __mul__(self, other) -> "Net":
+        if isinstance(other, Net):
+            return Net(self.m, [(c1 * c2, f1 + f2) for c1, f1 in self.terms for c2, f2 in other.terms])
+        return Net(self.m, [(c * other, f) for c, f in self.terms])
+
+    __rmul__ = __mul__
+
+    def relabel(self, mapping: dict[int, int], m: int | None = None) -> "Net":
+        """Slot label ``a`` becomes ``mapping.get(a, a)`` (two slots mapped together: a diagonal)."""
+        def fix(f):
+            a, lab, sym = f
+            lab = tuple(mapping.get(l, l) for l in lab)
+            return a, tuple(sorted(lab)) if sym else lab, sym
+
+        return Net(self.m if m is None else m, [(c, tuple(fix(f) for f in fs)) for c, fs in self.terms])
+
+    def contract(self, out: Sequence[int], n: int, dtype) -> Array:
+        total = jnp.zeros((n,) * len(out), dtype)
+        for c, fs in self.terms:
+            total = total + c * contract([(a, lab) for a, lab, _ in fs], out, n, dtype)
+        return total
+
+    def masked_sum_last(self, n: int, dtype) -> Array:
+        """``out[i_0..i_{m-2}] = sum_{i_{m-1}} x[i]`` over all-distinct indices only (zero where
+        the free indices coincide): the full sum minus the terms where the summed index equals a
+        free one."""
+        m = self.m
+        out = tuple(range(m - 1))
+        total = self.contract(out, n, dtype)
+        for a in range(m - 1):
+            total = total - self.relabel({m - 1: a}).contract(out, n, dtype)
+        return total
+
+
+def refactor(slices: dict[tuple[int, ...], Array], k: int, n: int, dtype) -> FactoredTensor:
+    """A rank-n :class:`FactoredTensor` equal to the given non-top slices (dense, zero where
+    indices coincide) and zero on the all-distinct slice: one term per neuron i, ``e_i (x) e_i``
+    on the first two legs times a row built from the slices that repeat i."""
+    eye = jnp.eye(n, dtype=dtype)
+    if k == 3:
+        # Sym(e_i e_i c_i): entry (i,i,j) is c_i[j] / 3 and (i,i,i) is c_i[i].
+        c = 3.0 * slices[(2, 1)].T + jnp.diag(slices[(3,)])
+        return FactoredTensor((eye, eye, c), (1, 1, 1), n)
+    if k == 4:
+        # Sym(e_i e_i (x) B_i) with B_i symmetric: (i,i,j,l) -> B_i[j,l]/6, (i,i,j,j) -> (B_i[j,j]
+        # + B_j[i,i])/6, (i,i,i,j) -> B_i[i,j]/2, (i,i,i,i) -> B_i[i,i].
+        A = jnp.einsum("ar,br->abr", eye, eye)
+        B = 6.0 * jnp.moveaxis(slices[(2, 1, 1)], 0, -1)
+        B = B + 3.0 * jnp.einsum("ab,rb->abr", eye, slices[(2, 2)])
+        B = B + 2.0 * (jnp.einsum("ar,rb->abr", eye, slices[(3, 1)]) + jnp.einsum("br,ra->abr", eye, slices[(3, 1)]))
+        B = B + jnp.einsum("ar,br,r->abr", eye, eye, slices[(4,)])
+        return FactoredTensor((A, B), (2, 2), n)
+    raise ValueError(f"factored tensors exist for k = 3, 4, not {k}")
+
+
+def legs_for(k: int) -> tuple[int, ...]:
+    return {3: (1, 1, 1), 4: (2, 2)}[k]
+
+
+def from_leaf_groups(groups: Sequence[tuple[Array, Array]], k: int, n: int) -> FactoredTensor:
+    """Terms ``E[i, j] X[j, rest]`` (leaf slot i hanging off slot j, X dense over the other k-1
+    slots) as rank-n factors, one block per group. k = 3: ``a = E, b = I, c = X^T``;
+    k = 4: ``A_r[i, j] = E[i, r] delta(j, r)`` (symmetrised), ``B_r = X[r]``."""
+    parts = []
+    eye = None
+    for E, X in groups:
+        eye = jnp.eye(n, dtype=E.dtype) if eye is None else eye
+        if k == 3:
+            parts.append((E, eye, X.T))
+        else:
+            A = E[:, None, :] * eye[None, :, :]
+            parts.append((0.5 * (A + jnp.swapaxes(A, 0, 1)), jnp.moveaxis(X, 0, -1)))
+    return FactoredTensor([jnp.concatenate(ps, axis=-1) for ps in zip(*parts)], legs_for(k), n)
