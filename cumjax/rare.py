@@ -156,27 +156,24 @@ def _acc():
     return jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
 
 
+def _inputs(e, mean, factor):
+    return mean + (e if factor is None else jnp.matmul(e, factor.T, precision=HIGHEST))
+
+
 @functools.partial(jax.jit, static_argnames=("spec", "num_samples", "chunk"))
-def _tail_sums(key, params, mean, factor, shift, thresholds, *, spec, num_samples, chunk):
-    """Sums over ``num_samples`` draws ``e ~ N(shift, I)`` of ``w 1[z > t]`` and ``w^2 1[z > t]``,
-    ``(T, n)`` each, with ``w`` the likelihood ratio to ``N(0, I)`` and ``x = mean + F e``."""
+def _tail_sums(key, params, mean, factor, thresholds, *, spec, num_samples, chunk):
+    """Counts of ``z > t`` over ``num_samples`` inputs, ``(T, n)`` for thresholds ``(T, n)``."""
     acc, d = _acc(), mean.shape[0]
-    num_chunks = -(-num_samples // chunk)
-    half_sq = 0.5 * jnp.sum(shift.astype(acc) ** 2)
 
-    def body(carry, c):
-        e = jax.random.normal(jax.random.fold_in(key, c), (chunk, d), mean.dtype) + shift
-        x = mean + (e if factor is None else jnp.matmul(e, factor.T, precision=HIGHEST))
-        z = forward(params, spec, x)
-        w = jnp.exp(half_sq - e.astype(acc) @ shift.astype(acc))
-        w = jnp.where(c * chunk + jnp.arange(chunk) < num_samples, w, 0.0)
-        hit = (z[:, None, :] > thresholds[None]).astype(acc)
-        s1, s2 = carry
-        return (s1 + jnp.einsum("c,ctn->tn", w, hit), s2 + jnp.einsum("c,ctn->tn", w * w, hit)), None
+    def body(total, c):
+        e = jax.random.normal(jax.random.fold_in(key, c), (chunk, d), mean.dtype)
+        z = forward(params, spec, _inputs(e, mean, factor))
+        valid = c * chunk + jnp.arange(chunk) < num_samples
+        hit = (z[:, None, :] > thresholds[None]) & valid[:, None, None]
+        return total + jnp.sum(hit, axis=0, dtype=acc), None
 
-    zeros = jnp.zeros(thresholds.shape, acc)
-    (s1, s2), _ = jax.lax.scan(body, (zeros, zeros), jnp.arange(num_chunks))
-    return s1, s2
+    total, _ = jax.lax.scan(body, jnp.zeros(thresholds.shape, acc), jnp.arange(-(-num_samples // chunk)))
+    return total
 
 
 def _moments(s1, s2, n):
@@ -204,61 +201,145 @@ def tail_monte_carlo(key, params, spec: MLPSpec, mean, cov, layer: int, threshol
                      chunk_size: int | None = None, dtype=jnp.float32) -> TailEstimate:
     """Plain Monte Carlo of ``P(z_i > t)`` for ``z = pre{layer}``: every threshold row ``(T, n)``
     (or ``(T,)``, the same for all neurons) and neuron from the same ``num_samples`` inputs.
-    Returns ``(T, n)`` estimates and standard errors ``sqrt(p (1 - p) / N)`` (sample version)."""
+    Returns ``(T, n)`` frequencies and standard errors ``sqrt(p (1 - p) / (N - 1))``."""
     num_samples, chunk = _check_samples(num_samples, chunk_size)
     trunc, tp, mean, factor = _prepare_sampling(params, spec, layer, mean, cov, dtype)
-    t = jnp.broadcast_to(jnp.asarray(thresholds, dtype).reshape(len(thresholds), -1), (len(thresholds), trunc.output_dim))
-    s1, s2 = _tail_sums(key, tp, mean, factor, jnp.zeros(mean.shape, dtype), t, spec=trunc, num_samples=num_samples, chunk=chunk)
-    m, se = _moments(s1, s2, num_samples)
+    t = jnp.asarray(thresholds, dtype)
+    t = jnp.broadcast_to(t.reshape(t.shape[0], -1), (t.shape[0], trunc.output_dim))
+    count = _tail_sums(key, tp, mean, factor, t, spec=trunc, num_samples=num_samples, chunk=chunk)
+    m, se = _moments(count, count, num_samples)
     return TailEstimate(np.asarray(m), np.asarray(se), num_samples)
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "num_samples", "iterations", "rho"))
-def _cross_entropy_shift(key, params, mean, factor, neuron, threshold, *, spec, num_samples, iterations, rho):
-    acc, d = _acc(), mean.shape[0]
+def is_homogeneous(params, spec: MLPSpec, layer: int, mean) -> bool:
+    """Is ``z = pre{layer}`` positively homogeneous in the whitened input, ``z(c e) = c z(e)`` for
+    ``c > 0``? True for ReLU nets with zero biases up to ``layer`` on a zero-mean input."""
+    layers = layer_weights(params)[:layer + 1]
+    relu = all(a == "relu" for a in spec.activations[:layer])
+    no_bias = all(b is None or not np.any(np.asarray(b)) for _, b in layers)
+    return relu and no_bias and not np.any(np.asarray(mean))
+
+
+def _radial_tail(g, t, d):
+    """``P(R g > t)`` for ``R ~ chi_d`` (the norm of a d-dim standard normal), elementwise."""
+    ratio = t / jnp.where(g == 0, 1.0, g)
+    above = jax.scipy.special.gammaincc(d / 2, 0.5 * ratio**2)  # P(R > |t / g|)
+    pos = jnp.where(t > 0, above, 1.0)
+    neg = jnp.where(t >= 0, 0.0, 1.0 - above)
+    return jnp.where(g > 0, pos, jnp.where(g < 0, neg, (t < 0).astype(g.dtype)))
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "num_samples", "quantile"))
+def _pilot_directions(key, params, mean, factor, *, spec, num_samples, quantile):
+    """Per neuron of z: the mean whitened input over the plain samples above the ``quantile`` of
+    z_i, ``(n, d)`` (the event's direction in input space, fitted where events are common)."""
+    e = jax.random.normal(key, (num_samples, mean.shape[0]), mean.dtype)
+    z = forward(params, spec, _inputs(e, mean, factor))
+    k = max(1, int(round((1 - quantile) * num_samples)))
+    _, idx = jax.lax.top_k(z.T, k)  # (n, k)
+    return jnp.mean(e[idx], axis=1)
+
+
+def _mixture_weight(e, shift, defensive, acc):
+    """Likelihood ratio N(0, I) / (a N(0, I) + (1 - a) N(shift, I)) at ``e``: at most ``1 / a``."""
+    s = shift.astype(acc)
+    log_ratio = e.astype(acc) @ s - 0.5 * s @ s  # log N(shift, I) / N(0, I)
+    return 1.0 / (defensive + (1 - defensive) * jnp.exp(log_ratio))
+
+
+def _mixture_draw(key, shape, shift, defensive, dtype):
+    k1, k2 = jax.random.split(key)
+    e = jax.random.normal(k1, shape, dtype)
+    use_shift = jax.random.uniform(k2, shape[:1]) >= defensive
+    return e + use_shift[:, None].astype(dtype) * shift
+
+
+def _score(params, spec, mean, factor, e, neuron, threshold, radial, acc):
+    """The per-sample quantity whose nominal mean is ``P(z_i > t)``: the indicator, or with
+    ``radial`` its conditional expectation along the ray through ``e`` (homogeneous nets)."""
+    if radial:
+        norm = jnp.linalg.norm(e.astype(acc), axis=1)
+        g = forward(params, spec, _inputs((e / norm[:, None].astype(e.dtype)), mean, factor))[:, neuron]
+        return _radial_tail(g.astype(acc), jnp.asarray(threshold, acc), e.shape[1])
+    z = forward(params, spec, _inputs(e, mean, factor))[:, neuron]
+    return (z > threshold).astype(acc)
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "num_samples", "iterations", "rho", "defensive"))
+def _fit_magnitude(key, params, mean, factor, direction, neuron, threshold, *, spec, num_samples, iterations, rho, defensive):
+    """One-dimensional cross-entropy fit of the shift ``alpha v`` along the unit ``direction`` v:
+    ``alpha <- E_w[e . v | z_i >= gamma]``, ``gamma`` the (1 - rho) quantile capped at t."""
+    acc = _acc()
     n_elite = max(1, int(math.ceil(rho * num_samples)))
 
-    def step(mu, k):
-        e = jax.random.normal(k, (num_samples, d), mean.dtype) + mu
-        x = mean + (e if factor is None else jnp.matmul(e, factor.T, precision=HIGHEST))
-        z = forward(params, spec, x)[:, neuron]
-        gamma = jnp.minimum(threshold, jax.lax.top_k(z, n_elite)[0][-1])  # the (1 - rho) quantile, capped at t
-        logw = jnp.where(z >= gamma, -e.astype(acc) @ mu.astype(acc), -jnp.inf)
-        w = jnp.exp(logw - jnp.max(logw))  # likelihood ratios up to a constant that cancels
-        return (w @ e.astype(acc) / jnp.sum(w)).astype(mean.dtype), gamma
+    def step(alpha, k):
+        shift = (alpha * direction).astype(mean.dtype)
+        e = _mixture_draw(k, (num_samples, mean.shape[0]), shift, defensive, mean.dtype)
+        z = forward(params, spec, _inputs(e, mean, factor))[:, neuron]
+        gamma = jnp.minimum(threshold, jax.lax.top_k(z, n_elite)[0][-1])
+        w = jnp.where(z >= gamma, _mixture_weight(e, shift, defensive, acc), 0.0)
+        return (w @ (e.astype(acc) @ direction.astype(acc)) / jnp.sum(w)).astype(acc), gamma
 
-    mu, levels = jax.lax.scan(step, jnp.zeros(d, mean.dtype), jax.random.split(key, iterations))
-    return mu, levels
+    alpha, _ = jax.lax.scan(step, jnp.zeros((), acc), jax.random.split(key, iterations))
+    return alpha
+
+
+@functools.partial(jax.jit, static_argnames=("spec", "num_samples", "chunk", "radial", "defensive"))
+def _is_sums(key, params, mean, factor, shift, neuron, threshold, *, spec, num_samples, chunk, radial, defensive):
+    acc, d = _acc(), mean.shape[0]
+
+    def body(carry, c):
+        e = _mixture_draw(jax.random.fold_in(key, c), (chunk, d), shift, defensive, mean.dtype)
+        valid = c * chunk + jnp.arange(chunk) < num_samples
+        y = jnp.where(valid, _mixture_weight(e, shift, defensive, acc)
+                      * _score(params, spec, mean, factor, e, neuron, threshold, radial, acc), 0.0)
+        s1, s2 = carry
+        return (s1 + jnp.sum(y), s2 + jnp.sum(y * y)), None
+
+    (s1, s2), _ = jax.lax.scan(body, (jnp.zeros((), acc), jnp.zeros((), acc)), jnp.arange(-(-num_samples // chunk)))
+    return s1, s2
 
 
 def tail_importance_sampling(key, params, spec: MLPSpec, mean, cov, layer: int, neurons, thresholds, num_samples: int,
-                             ce_samples: int = 4096, ce_iterations: int = 8, ce_rho: float = 0.1,
+                             pilot_samples: int = 2**16, pilot_quantile: float = 0.99, ce_samples: int = 8192,
+                             ce_iterations: int = 4, ce_rho: float = 0.1, defensive: float = 0.2, radial: bool | None = None,
                              chunk_size: int | None = None, dtype=jnp.float32) -> tuple[TailEstimate, np.ndarray]:
     """Importance-sampled ``P(z_i > t)`` for P pairs ``(neurons[p], thresholds[p])``, ``z = pre{layer}``.
 
-    Per pair: ``ce_iterations`` cross-entropy steps of ``ce_samples`` draws fit the mean shift (in
-    whitened input space), then ``num_samples`` fresh draws from the shifted Gaussian give the
-    likelihood-ratio-weighted estimate and its standard error (module docstring). Pairs use
-    independent keys. Returns ``(TailEstimate with (P,) arrays, shifts (P, d))``."""
+    Proposal: the defensive mixture ``a N(0, I) + (1 - a) N(alpha v_i, I)`` in whitened input space,
+    ``a = defensive``. ``v_i``: direction of the mean input above the ``pilot_quantile`` of z_i in
+    ``pilot_samples`` plain draws (shared by all pairs); ``alpha``: one-dimensional cross-entropy
+    fit per pair. The weights are at most ``1 / a``, so the variance is never more than ``1 / a``
+    times plain sampling's, and the estimate is unbiased for every proposal. ``radial`` (default:
+    when :func:`is_homogeneous`) replaces each indicator by its exact expectation along the ray
+    through the sample (``|e| ~ chi_d`` independent of the direction), a conditional expectation
+    that can only lower the variance. Returns ``(TailEstimate with (P,) arrays, shifts (P, d))``."""
     num_samples, chunk = _check_samples(num_samples, chunk_size)
     neurons, thresholds = np.asarray(neurons, int).reshape(-1), np.asarray(thresholds, float).reshape(-1)
     if neurons.shape != thresholds.shape:
         raise ValueError(f"need one threshold per neuron index, got {neurons.shape} and {thresholds.shape}")
-    if not 0 < ce_rho < 1 or ce_iterations < 1 or ce_samples < 2:
-        raise ValueError("need 0 < ce_rho < 1, ce_iterations >= 1, ce_samples >= 2")
+    if not (0 < ce_rho < 1 and 0 < defensive < 1 and 0 < pilot_quantile < 1) or ce_iterations < 1:
+        raise ValueError("need 0 < ce_rho, defensive, pilot_quantile < 1 and ce_iterations >= 1")
+    radial = is_homogeneous(params, spec, layer, mean) if radial is None else bool(radial)
+    if radial and not is_homogeneous(params, spec, layer, mean):
+        raise ValueError("radial integration needs a positively homogeneous z (ReLU, zero biases, zero input mean)")
     trunc, tp, mean, factor = _prepare_sampling(params, spec, layer, mean, cov, dtype)
-    n = trunc.output_dim
-    if neurons.min() < 0 or neurons.max() >= n:
-        raise ValueError(f"neuron indices must lie in [0, {n})")
-    keys = jax.random.split(key, 2 * len(neurons)).reshape(len(neurons), 2, -1)
+    if neurons.min() < 0 or neurons.max() >= trunc.output_dim:
+        raise ValueError(f"neuron indices must lie in [0, {trunc.output_dim})")
+    k_pilot, k_pairs = jax.random.split(key)
+    pilot = _pilot_directions(k_pilot, tp, mean, factor, spec=trunc, num_samples=int(pilot_samples), quantile=float(pilot_quantile))
     ests, sems, shifts = [], [], []
-    for p, (i, t) in enumerate(zip(neurons, thresholds)):  # one compiled program, reused for every pair
-        mu, _ = _cross_entropy_shift(keys[p, 0], tp, mean, factor, int(i), jnp.asarray(t, dtype), spec=trunc,
-                                     num_samples=int(ce_samples), iterations=int(ce_iterations), rho=float(ce_rho))
-        row = jnp.full((1, n), jnp.inf, dtype).at[0, i].set(t)  # only this pair's indicator
-        s1, s2 = _tail_sums(keys[p, 1], tp, mean, factor, mu, row, spec=trunc, num_samples=num_samples, chunk=chunk)
-        m, se = _moments(s1[0, i], s2[0, i], num_samples)
-        ests.append(float(m)), sems.append(float(se)), shifts.append(np.asarray(mu))
+    for p, (i, t) in enumerate(zip(neurons, thresholds)):  # compiled once, reused for every pair
+        k_fit, k_est = jax.random.split(jax.random.fold_in(k_pairs, p))
+        v = pilot[i] / jnp.linalg.norm(pilot[i])
+        t_ = jnp.asarray(t, dtype)
+        alpha = _fit_magnitude(k_fit, tp, mean, factor, v, int(i), t_, spec=trunc, num_samples=int(ce_samples),
+                               iterations=int(ce_iterations), rho=float(ce_rho), defensive=float(defensive))
+        shift = (alpha * v).astype(dtype)
+        s1, s2 = _is_sums(k_est, tp, mean, factor, shift, int(i), t_, spec=trunc, num_samples=num_samples, chunk=chunk,
+                          radial=radial, defensive=float(defensive))
+        m, se = _moments(s1, s2, num_samples)
+        ests.append(float(m)), sems.append(float(se)), shifts.append(np.asarray(shift))
     return TailEstimate(np.array(ests), np.array(sems), num_samples), np.stack(shifts)
 
 
