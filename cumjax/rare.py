@@ -28,7 +28,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
-from .flops import compiled_flops
+from .flops import compiled_cost, jaxpr_flops
 from .mlp import HIGHEST, MLPSpec, forward, layer_weights, params_from_arrays
 from .montecarlo import _input_factor, default_chunk_size
 from .propagate import PropagationConfig, estimate_mean, propagate
@@ -125,10 +125,18 @@ def tail_probabilities(params, activations: Sequence[str], mean, cov, layer: int
 
 
 def tail_flops(params, activations, mean, cov, layer, thresholds, config=PropagationConfig(), neurons=None,
-               weight_variances=None) -> float:
-    """XLA's FLOP count of :func:`tail_probabilities` for all thresholds (unrolled, so every layer counts)."""
-    fn = lambda p, m, c, t: tail_probabilities(p, activations, m, c, layer, t, config, neurons, weight_variances, True)  # noqa: E731
-    return compiled_flops(fn, params, mean, cov, jnp.asarray(thresholds))
+               weight_variances=None) -> dict:
+    """FLOPs of :func:`tail_probabilities` for all thresholds at once: ``analytic`` (the jaxpr count
+    of :func:`cumjax.flops.jaxpr_flops`, the same rule as :func:`cumjax.estimator_flops`) and
+    ``xla`` (XLA's cost analysis of the unrolled program, flops + transcendentals)."""
+    t = jnp.asarray(thresholds)
+
+    def fn(p, m, c, t, unroll=False):
+        return tail_probabilities(p, activations, m, c, layer, t, config, neurons, weight_variances, unroll)
+
+    analytic = jaxpr_flops(fn, params, mean, cov, t).total
+    xla = compiled_cost(functools.partial(fn, unroll=True), params, mean, cov, t)
+    return dict(analytic=float(analytic), xla=xla["flops"] + xla["transcendentals"])
 
 
 def sample_flops(spec: MLPSpec, layer: int, num_thresholds: int) -> int:
