@@ -22,6 +22,7 @@ interrupted run resumes and reproduces the uninterrupted curve exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 from typing import Callable, NamedTuple
@@ -99,6 +100,30 @@ def gaussian_batch(key, in_mean, in_cov, num_samples: int) -> Array:
     return jax.random.multivariate_normal(key, in_mean, in_cov, (num_samples,), dtype=in_mean.dtype, method="cholesky")
 
 
+# ----------------------------------------------------------------------------- objectives for fit
+
+
+class MomentProblem(NamedTuple):
+    """The data a moment-matching objective reads: target moments and the input N(in_mean, in_cov)."""
+
+    target: Moments
+    in_mean: Array
+    in_cov: Array
+
+
+@functools.lru_cache(maxsize=64)
+def estimated_objective(spec: MLPSpec, config: PropagationConfig) -> Callable:
+    """``(params, key, MomentProblem) -> estimated_loss`` (the key is unused). Cached, so every
+    call with the same spec and config returns the same function and :func:`fit` compiles once."""
+    return lambda params, key, data: estimated_loss(params, spec, config, data.target, data.in_mean, data.in_cov)
+
+
+@functools.lru_cache(maxsize=64)
+def sampled_objective(spec: MLPSpec, batch: int) -> Callable:
+    """``(params, key, MomentProblem) -> sampled_loss`` on ``batch`` fresh inputs drawn from key."""
+    return lambda params, key, data: sampled_loss(params, spec, gaussian_batch(key, data.in_mean, data.in_cov, batch), data.target)
+
+
 # ----------------------------------------------------------------------------- Monte Carlo referee
 
 
@@ -149,14 +174,17 @@ class TrainState(NamedTuple):
     step: Array  # () int32: steps taken
 
 
+@functools.lru_cache(maxsize=64)
 def make_segment(loss_fn: Callable, optimizer: optax.GradientTransformation, num_steps: int):
-    """Jitted ``(state, key) -> (state, losses (num_steps,))``: ``num_steps`` optimiser steps under
-    ``lax.scan``; step t uses ``fold_in(key, t)``, so results depend only on the state and key."""
+    """Jitted ``(state, key, data) -> (state, losses (num_steps,))``: ``num_steps`` steps on
+    ``loss_fn(params, key, data)`` under ``lax.scan``; step t uses ``fold_in(key, t)``, so results
+    depend only on the state, key and data. Cached: runs that share ``loss_fn`` and ``optimizer``
+    (the same objects) and differ only in data share one compilation."""
 
     @jax.jit
-    def segment(state: TrainState, key):
+    def segment(state: TrainState, key, data):
         def step(state, _):
-            loss, grads = jax.value_and_grad(loss_fn)(state.params, jax.random.fold_in(key, state.step))
+            loss, grads = jax.value_and_grad(loss_fn)(state.params, jax.random.fold_in(key, state.step), data)
             updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
             return TrainState(optax.apply_updates(state.params, updates), opt_state, state.step + 1), loss
 
@@ -188,10 +216,13 @@ def _save_checkpoint(path: str, state: TrainState, curve: list, meta: str) -> No
 
 
 def fit(loss_fn: Callable, params, optimizer: optax.GradientTransformation, num_steps: int, *, key,
-        eval_every: int, evaluate: Callable | None = None, flops_per_step: float = 0.0,
+        eval_every: int, data=None, evaluate: Callable | None = None, flops_per_step: float = 0.0,
         checkpoint: str | None = None, meta: dict | None = None, on_checkpoint: Callable | None = None,
         progress: bool | str = False) -> tuple[dict, list[dict]]:
-    """Minimise ``loss_fn(params, key) -> scalar`` with ``optimizer`` for ``num_steps`` steps.
+    """Minimise ``loss_fn(params, key, data) -> scalar`` with ``optimizer`` for ``num_steps`` steps.
+
+    ``data``: any pytree the loss reads (targets, input moments), passed to the jitted steps as an
+    argument so runs that differ only in it reuse one compilation (see :func:`make_segment`).
 
     Every ``eval_every`` steps (and at step 0): ``evaluate(params, step) -> (value, se)`` if given,
     a curve row ``{step, flops, train_loss, eval_loss, eval_se}`` (``train_loss``: mean of
@@ -230,6 +261,6 @@ def fit(loss_fn: Callable, params, optimizer: optax.GradientTransformation, num_
 
         remaining = tqdm(remaining, desc=progress if isinstance(progress, str) else "fit", leave=False)
     for _ in remaining:
-        state, losses = segment(state, key)
+        state, losses = segment(state, key, data)
         record(np.asarray(losses))
     return state.params, curve
