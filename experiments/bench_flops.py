@@ -1,0 +1,117 @@
+"""Analytic FLOP counts against XLA's cost analysis, per estimator and width, and per Monte Carlo sample.
+
+For every (width, k_max, kind, factored) of the config: the analytic count of one estimate of the
+output mean (:func:`cumjax.flops.estimator_flop_report`: jaxpr walk of the scanned and unrolled
+programs, XLA's count of the unrolled one, their ratio); for every width: Monte Carlo's per-sample
+count (``forward_flops`` vs the jaxpr and XLA counts of one chunk of the sampler).
+
+    python experiments/bench_flops.py --config configs/bench_flops_smoke.json --out results/
+
+Writes ``<out>/bench_flops_<name>.json`` after every measurement (a rerun resumes) and
+``<out>/bench_flops_<name>.png`` (ratio vs width per estimator).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import cumjax as cj  # noqa: E402
+from cumjax import flops  # noqa: E402
+from cumjax.results import ResultStore, load_config, save_figure_atomic  # noqa: E402
+
+_KEYS = ("widths", "orders", "kinds", "layers")
+
+
+def _check(cfg: dict) -> None:
+    missing = [k for k in _KEYS if k not in cfg]
+    if missing:
+        raise ValueError(f"config {cfg.get('name')!r} lacks {missing}")
+    for k in cfg["orders"]:
+        cj.PropagationConfig(k_max=int(k))  # raises on a bad k_max
+    for kind in cfg["kinds"]:
+        cj.PropagationConfig(kind=kind)
+    if int(cfg["layers"]) < 2 or any(int(w) < 1 for w in cfg["widths"]):
+        raise ValueError("need layers >= 2 and positive widths")
+
+
+def _configs(cfg):
+    for k in cfg["orders"]:
+        for kind in cfg["kinds"]:
+            for fac in cfg.get("factored", [False]):
+                if fac and k < 3:
+                    continue
+                yield cj.PropagationConfig(k_max=int(k), kind=kind, factored=bool(fac))
+
+
+def _net(width, layers, activation):
+    spec = cj.MLPSpec(width, width, width, layers, (activation,) * (layers - 1))
+    params = cj.init_params(jax.random.PRNGKey(0), spec, cj.Init(kind="he"))
+    return spec, params, jnp.zeros(width, jnp.float32), jnp.eye(width, dtype=jnp.float32)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "bench_flops_smoke.json"))
+    p.add_argument("--out", default="results")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    _check(cfg)
+    act, layers = cfg.get("activation", "relu"), int(cfg["layers"])
+    max_entries = float(cfg.get("max_dense_entries", 2**24))
+    store = ResultStore(os.path.join(args.out, f"bench_flops_{cfg['name']}.json"), meta=cfg)
+    work = [(w, c) for w in cfg["widths"] for c in _configs(cfg) if w ** c.k_max <= max_entries]
+    for w, c in tqdm(work, desc="estimators"):
+        def measure(w=w, c=c):
+            spec, params, mean, cov = _net(w, layers, act)
+            return dict(width=w, estimator=c.name, **flops.estimator_flop_report(params, spec.activations, mean, cov, c))
+
+        store.get_or_compute(f"n{w}_{c.name}", measure)
+    for w in tqdm(cfg["widths"], desc="monte carlo"):
+        def measure_mc(w=w):
+            spec, params, _, _ = _net(w, layers, act)
+            return dict(width=w, estimator="monte_carlo", **flops.montecarlo_flop_report(params, spec, chunk_size=int(cfg.get("mc_chunk", 1024))))
+
+        store.get_or_compute(f"n{w}_monte_carlo", measure_mc)
+
+    rows = list(store.entries.values())
+    print(f"\nanalytic / XLA FLOPs (float32, {act}, {layers} linear layers; XLA on the unrolled program)")
+    print(f"{'estimator':<22}{'width':>6}{'analytic':>12}{'matmul %':>10}{'XLA':>12}{'ratio':>8}")
+    for r in sorted(rows, key=lambda r: (r["estimator"], r["width"])):
+        if r["estimator"] == "monte_carlo":
+            print(f"{'MC chunk per sample':<22}{r['width']:>6}{r['chunk_jaxpr']:>12.4g}{'':>10}{r['chunk_xla']:>12.4g}"
+                  f"{r['ratio']:>8.3f}   (forward pass: forward_flops {r['analytic']:.4g})")
+        else:
+            print(f"{r['estimator']:<22}{r['width']:>6}{r['analytic']:>12.4g}{100 * r['analytic_matmul'] / r['analytic']:>10.1f}"
+                  f"{r['xla']:>12.4g}{r['ratio']:>8.3f}")
+    _plot(rows, os.path.join(args.out, f"bench_flops_{cfg['name']}.png"))
+    return store.entries
+
+
+def _plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name in sorted({r["estimator"] for r in rows}):
+        pts = sorted((r["width"], r["ratio"]) for r in rows if r["estimator"] == name)
+        ax.plot(*zip(*pts), marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_xlabel("width")
+    ax.set_ylabel("analytic / XLA FLOPs")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure_atomic(fig, path)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
