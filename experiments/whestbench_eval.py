@@ -5,10 +5,11 @@ biases, ``x @ W``, He weights, ground truth = Monte Carlo layer means), then sco
 variant (:mod:`cumjax.whest`) and WhestBench's mean- and covariance-propagation baselines with
 WhestBench's own scorer (``whestbench.scoring.evaluate_estimator``), one network at a time. Prints
 and saves, per estimator: final-layer and all-layer MSE (mean over networks with its standard error,
-and with the ground truth's sampling noise subtracted), wall time per network, FLOPs (cumjax: XLA's
-count of the compiled program, also charged to WhestBench's flopscope counter; baselines: the
-scorer's flopscope count, which prices float64 at 2x, and an analytic count), and the Monte Carlo
-FLOPs needed to match the final-layer MSE over the estimator's own FLOPs.
+and with the ground truth's sampling noise subtracted), wall time per network, FLOPs (cumjax: the
+analytic count of the program that runs, :func:`cumjax.flops.jaxpr_flops`, also charged to
+WhestBench's flopscope counter, with XLA's count of the compiled unrolled program beside it;
+baselines: an analytic count, and the scorer's flopscope count, which prices float64 at 2x), and
+the Monte Carlo FLOPs needed to match the final-layer MSE over the estimator's own FLOPs.
 
     python experiments/whestbench_eval.py --config configs/whestbench_smoke.json --out results/
 
@@ -37,7 +38,7 @@ import cumjax as cj  # noqa: E402
 from cumjax import whest as cw  # noqa: E402
 from cumjax.results import ResultStore, load_config, save_figure_atomic, write_json_atomic  # noqa: E402
 
-DEFAULTS = dict(split="public", dtype="float32", variance_samples=65536, flop_budget=10**15,
+DEFAULTS = dict(split="public", dtype="float32", variance_samples=65536, flop_budget=10**15, xla_flops=True,
                 baselines=["mean_propagation", "covariance_propagation"])
 PROPAGATION_KEYS = {"k_max", "kind", "factored", "avg_metric"}
 
@@ -169,7 +170,11 @@ def run(cfg, variants, data, store: ResultStore):
                     store.put(f"info/{name}", {**info, "skipped": str(e)})
                     print(f"{name}: skipped ({str(e)[:100]}...)")
                     continue
-                store.put(f"info/{name}", {**info, "flops": est.flops(width, depth), "compile_and_count_s": time.perf_counter() - t0})
+                compile_s = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                xla = cw.layer_means_xla_flops(width, depth, est.config, est.dtype) if cfg["xla_flops"] else None
+                store.put(f"info/{name}", {**info, "flops": est.flops(width, depth), "flops_xla_unrolled": xla,
+                                           "compile_s": compile_s, "xla_count_s": time.perf_counter() - t0})
             else:
                 est.warmup(width, depth)
         elif f"info/{name}" not in store:
@@ -207,7 +212,7 @@ def summarize(cfg, data, store: ResultStore) -> dict:
             final_mse=float(final.mean()), final_mse_se=se(final), final_mse_minus_noise=excess,
             all_mse=float(alll.mean()), all_mse_se=se(alll), all_mse_minus_noise=float(np.mean(alll - layer_floor.mean(1))),
             per_layer_mse=per_layer.mean(0).tolist(), wall_s=float(np.median([p["wall_time_s"] for p in per])),
-            flops=flops, whest_flops=float(np.mean([p["flops_used"] for p in per])),
+            flops=flops, flops_xla=info.get("flops_xla_unrolled"), whest_flops=float(np.mean([p["flops_used"] for p in per])),
             # MC FLOPs to reach this MSE: (variance / MSE) samples at mc_flops each; a lower bound when
             # the excess is not resolved above two standard errors of the ground-truth noise
             mc_flop_ratio=avg_var / max(excess, 2 * se(final) if n > 1 else final_floor.mean()) * mc_flops / flops,
@@ -220,14 +225,15 @@ def summarize(cfg, data, store: ResultStore) -> dict:
 
 def print_table(summary: dict) -> None:
     print(f"\n{'estimator':<30}{'final MSE':>12}{'± se':>10}{'- noise':>11}{'all MSE':>11}{'- noise':>11}"
-          f"{'FLOPs':>10}{'whest FLOPs':>12}{'wall s':>9}{'MC FLOPs/FLOPs':>16}")
+          f"{'FLOPs':>10}{'XLA FLOPs':>10}{'whest FLOPs':>12}{'wall s':>9}{'MC FLOPs/FLOPs':>16}")
     for name, r in sorted(summary["rows"].items(), key=lambda kv: kv[1].get("flops") or 0):
         if "skipped" in r:
             print(f"{name:<30}  skipped: {r['skipped'][:90]}")
             continue
         ratio = f"{'' if r['resolved'] else '>='}{r['mc_flop_ratio']:.3g}"
         print(f"{name:<30}{r['final_mse']:>12.3e}{r['final_mse_se']:>10.1e}{r['final_mse_minus_noise']:>11.2e}"
-              f"{r['all_mse']:>11.3e}{r['all_mse_minus_noise']:>11.2e}{r['flops']:>10.3g}{r['whest_flops']:>12.3g}"
+              f"{r['all_mse']:>11.3e}{r['all_mse_minus_noise']:>11.2e}{r['flops']:>10.3g}"
+              f"{'-' if r['flops_xla'] is None else format(r['flops_xla'], '.3g'):>10}{r['whest_flops']:>12.3g}"
               f"{r['wall_s']:>9.3f}{ratio:>16}")
     print(f"ground-truth noise (variance / samples): final layer {summary['noise_final']:.2e}, all layers {summary['noise_all']:.2e}")
 
@@ -277,7 +283,8 @@ def main(argv=None) -> dict:
     if not os.path.exists(os.path.join(dataset, "metadata.json")):
         bake(cfg, dataset)
     data, meta = load_contest(cfg, dataset)
-    store_meta = {k: cfg[k] for k in ("width", "depth", "n_mlps", "n_samples", "mlp_seeds", "dtype", "variance_samples", "flop_budget")}
+    store_meta = {k: cfg[k] for k in ("width", "depth", "n_mlps", "n_samples", "mlp_seeds", "dtype", "variance_samples",
+                                      "flop_budget", "xla_flops")}
     store_meta["dataset_created"] = meta.get("created_at_utc")
     store = ResultStore(os.path.join(args.out, f"whestbench_{name}.json"), meta=store_meta)
     print(f"config {name}: {cfg['n_mlps']} networks, width {cfg['width']}, depth {cfg['depth']}, "
