@@ -167,22 +167,49 @@ class Net:
 
         return Net(self.m if m is None else m, [(c, tuple(fix(f) for f in fs)) for c, fs in self.terms])
 
+    def merged(self, perms: Sequence[Sequence[int]]) -> "Net":
+        """One term per class of terms equal up to the slot permutations ``perms`` (a group),
+        with summed coefficients: equal to this network after symmetrising over the group.
+        Terms are compared by factor identity and labels (at most one internal label each)."""
+        reps: dict = {}
+        for c, fs in self.terms:
+            internal = {l for _, lab, _ in fs for l in lab if l >= self.m}
+            assert len(internal) <= 1, "terms with several internal labels are not merged"
+            best = None
+            for perm in perms:
+                key = []
+                for a, lab, sym in fs:
+                    lab = tuple(perm[l] if l < self.m else -1 for l in lab)
+                    key.append((id(a), tuple(sorted(lab)) if sym else lab))
+                key = tuple(sorted(key))
+                best = key if best is None or key < best else best
+            if best in reps:
+                reps[best][0] += c
+            else:
+                reps[best] = [c, fs]
+        return Net(self.m, [(c, fs) for c, fs in reps.values()])
+
     def contract(self, out: Sequence[int], n: int, dtype) -> Array:
         total = jnp.zeros((n,) * len(out), dtype)
         for c, fs in self.terms:
             total = total + c * contract([(a, lab) for a, lab, _ in fs], out, n, dtype)
         return total
 
-    def masked_sum_last(self, n: int, dtype) -> Array:
-        """``out[i_0..i_{m-2}] = sum_{i_{m-1}} x[i]`` over all-distinct indices only (zero where
-        the free indices coincide): the full sum minus the terms where the summed index equals a
-        free one."""
+    def masked_sum_last(self, n: int, dtype, perms=None) -> Array:
+        """``out[i_0..i_{m-2}] = sum_{i_{m-1}} x[i]`` over ``i_{m-1}`` distinct from the free
+        indices: the full sum minus the terms where the summed index equals a free one (valid
+        where the free indices are distinct; the caller zeroes the rest). With ``perms`` (a
+        group of permutations of the free slots) the result is only right after symmetrising
+        over them, and equal terms are contracted once."""
         m = self.m
         out = tuple(range(m - 1))
-        total = self.contract(out, n, dtype)
+        diagonals = Net(m)
         for a in range(m - 1):
-            total = total - self.relabel({m - 1: a}).contract(out, n, dtype)
-        return total
+            diagonals = diagonals + self.relabel({m - 1: a})
+        if perms is not None:  # the caller symmetrises over these permutations of free slots
+            full = [tuple(p) + (m - 1,) for p in perms]
+            return self.merged(full).contract(out, n, dtype) - diagonals.merged(full).contract(out, n, dtype)
+        return self.contract(out, n, dtype) - diagonals.contract(out, n, dtype)
 
 
 def refactor(slices: dict[tuple[int, ...], Array], k: int, n: int, dtype) -> FactoredTensor:
@@ -222,5 +249,6 @@ def from_leaf_groups(groups: Sequence[tuple[Array, Array]], k: int, n: int) -> F
             parts.append((E, eye, X.T))
         else:
             A = E[:, None, :] * eye[None, :, :]
-            parts.append((0.5 * (A + jnp.swapaxes(A, 0, 1)), jnp.moveaxis(X, 0, -1)))
+            B = jnp.moveaxis(X, 0, -1)
+            parts.append((0.5 * (A + jnp.swapaxes(A, 0, 1)), 0.5 * (B + jnp.swapaxes(B, 0, 1))))
     return FactoredTensor([jnp.concatenate(ps, axis=-1) for ps in zip(*parts)], legs_for(k), n)

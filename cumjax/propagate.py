@@ -9,6 +9,7 @@ program is compiled per (network shape, configuration).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 import os
@@ -353,6 +354,20 @@ class _NonlinearStep:
         return RadialTensor(core, r, None, self.n)
 
 
+@functools.lru_cache(maxsize=None)
+def _diagram_classes(alpha: dg.Vec, k: int, kind: str, degrees: frozenset) -> tuple[tuple[float, tuple[dg.Vec, ...]], ...]:
+    """The factored term set's diagrams of slice ``alpha`` up to permutations of slots with equal
+    ``alpha``: ``(coef * class size, canonical blocks)``. Summed and then symmetrised over those
+    slots they give the full diagram sum."""
+    m = len(alpha)
+    perms = [p for p in itertools.permutations(range(m)) if all(alpha[p[s]] == alpha[s] for s in range(m))]
+    classes = Counter()
+    for t in dg.diagrams(alpha, k, kind, degrees, True):
+        canon = min(tuple(sorted(tuple(v[p] for p in perm) for v in t.blocks)) for perm in perms)
+        classes[(t.coef, canon)] += 1
+    return tuple((coef * count, blocks) for (coef, blocks), count in sorted(classes.items()))
+
+
 class _FactoredStep(_NonlinearStep):
     """The nonlinear step with the top degree k = k_max (3 or 4) in low-rank form.
 
@@ -414,13 +429,17 @@ class _FactoredStep(_NonlinearStep):
         return Net(self.k, [(1.0, fs)])
 
     def power_net(self, alpha) -> Net:
-        """Power-cumulant slice ``alpha`` (k slots, not all ones) as a network: the diagram sum."""
+        """Power-cumulant slice ``alpha`` (k slots, not all ones) as a network: the diagram sum
+        with one representative per class of diagrams related by a permutation of equal-power
+        slots, so it equals the true slice only after symmetrising over those slots (which its
+        consumer, :meth:`traced`, does)."""
 
         def build():
             total = Net(self.k)
-            for t in dg.diagrams(alpha, self.cfg.k_max, self.cfg.kind, self.degrees, True):
-                term = self.wick_net(t.orders, alpha) * t.coef
-                for v in t.blocks:
+            for coef, blocks in _diagram_classes(alpha, self.cfg.k_max, self.cfg.kind, self.degrees):
+                orders = tuple(sum(v[j] for v in blocks) for j in range(self.k))
+                term = self.wick_net(orders, alpha) * coef
+                for v in blocks:
                     term = term * self.block_net(v)
                 total = total + term
             return total
@@ -452,18 +471,14 @@ class _FactoredStep(_NonlinearStep):
         def build():
             k, n = self.k, self.n
             # Isomorphic diagrams contribute the same symmetrised term: keep one per class.
-            classes = Counter()
-            for t in dg.diagrams(self.top, k, self.cfg.kind, self.degrees, True):
-                canon = min(tuple(sorted(tuple(v[p] for p in perm) for v in t.blocks)) for perm in itertools.permutations(range(k)))
-                classes[(t.coef, canon)] += 1
             direct = []  # the input's own top block, scaled on every leg
             groups: dict = {}  # leaf factor key -> (E factors, summed X)
-            for (coef, blocks), count in sorted(classes.items()):
+            for coef, blocks in _diagram_classes(self.top, k, self.cfg.kind, self.degrees):
                 orders = tuple(sum(v[j] for v in blocks) for j in range(k))
                 if len(blocks) == 1 and isinstance(self.tower[k], FactoredTensor) and blocks[0] == self.top:
-                    direct.append(self.tower[k].scale_legs(self.wick(1, 1), coef * count))
+                    direct.append(self.tower[k].scale_legs(self.wick(1, 1), coef))
                     continue
-                term = self.wick_net(orders, self.top) * (coef * count)
+                term = self.wick_net(orders, self.top) * coef
                 for v in blocks:
                     term = term * self.block_net(v)
                 for c, fs in term.terms:
@@ -523,7 +538,11 @@ class _FactoredStep(_NonlinearStep):
             last = beta + (2,)
             order = sorted(range(m + 1), key=lambda s: -last[s])
             net = self.cumulant_net(tuple(last[s] for s in order)).relabel({t: order[t] for t in range(m + 1)})
-            return total + net.masked_sum_last(self.n, self.mean.dtype)
+            # power_net kept one diagram per class of equal-power slots: symmetrise over them.
+            perms = [p for p in itertools.permutations(range(m)) if all(beta[p[s]] == beta[s] for s in range(m))]
+            summed = net.masked_sum_last(self.n, self.mean.dtype, perms)
+            summed = sum(jnp.transpose(summed, p) for p in perms) / len(perms)
+            return total + _zero_coincident(summed)
 
         return self._cached(("t", d, j, beta), build)
 
