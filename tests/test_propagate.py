@@ -38,8 +38,17 @@ def _ids(paths):
     return [os.path.basename(os.path.dirname(p)) + "/" + os.path.basename(p)[:-4] for p in paths]
 
 
+# Eager k_max=4 augment runs take 10-40 s each on 2 cores: these repeat configurations that the
+# fast set already covers (cases/p007, p013, p025, p040, kprop/p007, p062), so CI skips them.
+SLOW_GOLDENS = ("kprop/p015_", "kprop/p023_", "kprop/p031_")
+
+
+def _golden_params(paths):
+    return [pytest.param(p, id=i, marks=[pytest.mark.slow] if i.startswith(SLOW_GOLDENS) else []) for p, i in zip(paths, _ids(paths))]
+
+
 @pytest.mark.skipif(not GOLDEN_FILES, reason="../shared/goldens not present")
-@pytest.mark.parametrize("path", GOLDEN_FILES, ids=_ids(GOLDEN_FILES))
+@pytest.mark.parametrize("path", _golden_params(GOLDEN_FILES))
 def test_matches_reference_golden(path):
     z, meta, layers, config = _load(path)
     out = propagate(layers, meta["nonlin"], jnp.asarray(z["Kin_1"]), jnp.asarray(z["Kin_2"]), config, meta["init_scale"])
@@ -53,7 +62,7 @@ def test_matches_reference_golden(path):
     assert checked >= 2 * meta["num_layers"] - 1
 
 
-FLOAT32_CASES = [p for p in GOLDEN_FILES if any(s in p for s in ("cases/p010", "cases/p031", "cases/p047", "cases/p019", "cases/p053"))]
+FLOAT32_CASES = [p for p in GOLDEN_FILES if any(s in p for s in ("cases/p010", "cases/p031", "cases/p047", "cases/p009", "cases/p053"))]
 
 
 @pytest.mark.parametrize("path", FLOAT32_CASES, ids=_ids(FLOAT32_CASES))
@@ -75,7 +84,7 @@ def _scalar_net(acts):
     return [(jnp.ones((1, 1)), None) for _ in range(len(acts) + 1)]
 
 
-@pytest.mark.parametrize("kind", ["simple", "augment"])
+@pytest.mark.parametrize("kind", ["simple", pytest.param("augment", marks=pytest.mark.slow)])
 def test_polynomial_net_is_exact_at_width_one(kind):
     # x ~ N(0,1): square then cube gives x^6, E = 15; higher-order terms make k=4 exact.
     out = estimate_mean(_scalar_net(["square", "cube"]), ["square", "cube"], jnp.zeros(1), jnp.eye(1), PropagationConfig(k_max=4, kind=kind))
@@ -112,7 +121,7 @@ def _random_net(key, n, L, scale=None):
     ]
 
 
-@pytest.mark.parametrize("k,kind", [(1, "simple"), (2, "simple"), (2, "augment"), (3, "simple"), (4, "simple")])
+@pytest.mark.parametrize("k,kind", [(1, "simple"), (2, "simple"), (2, "augment"), (3, "simple"), pytest.param(4, "simple", marks=pytest.mark.slow)])
 def test_gradient_matches_finite_differences(k, kind):
     n, L = 4, 3
     layers = _random_net(jax.random.PRNGKey(k), n, L)
@@ -133,7 +142,7 @@ def test_gradient_matches_finite_differences(k, kind):
 
 
 def test_vmap_over_networks_matches_loop_and_jit_matches_eager():
-    n, L = 6, 4
+    n, L = 5, 4
     nets = [_random_net(jax.random.PRNGKey(s), n, L) for s in range(3)]
     batched = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *nets)
     cfg = PropagationConfig(k_max=3)
@@ -142,7 +151,8 @@ def test_vmap_over_networks_matches_loop_and_jit_matches_eager():
     f = jax.jit(lambda ls: estimate_mean(ls, acts, mu, cov, cfg))
     got = jax.vmap(f)(batched)
     for i, net in enumerate(nets):
-        np.testing.assert_allclose(got[i], estimate_mean(net, acts, mu, cov, cfg), rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(got[i], f(net), rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(got[0], estimate_mean(nets[0], acts, mu, cov, cfg), rtol=1e-12, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------- bad input
