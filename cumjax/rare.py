@@ -354,11 +354,12 @@ def tail_importance_sampling(key, params, spec: MLPSpec, mean, cov, layer: int, 
 # ----------------------------------------------------------------------------- auditing
 
 
-def relative_norm(delta, params) -> Array:
-    """``||delta||_F / ||params||_F`` over the leaves of ``delta`` (matching leaves of ``params``)."""
+def relative_norm(delta, params, squared: bool = False) -> Array:
+    """``||delta||_F / ||params||_F`` over the leaves of ``delta`` (matching leaves of ``params``);
+    its square with ``squared`` (differentiable at ``delta = 0``, where the norm is not)."""
     num = sum(jnp.sum(d**2) for d in jax.tree_util.tree_leaves(delta))
     den = sum(jnp.sum(p**2) for p in jax.tree_util.tree_leaves(params))
-    return jnp.sqrt(num / den)
+    return num / den if squared else jnp.sqrt(num / den)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -376,13 +377,17 @@ class PerturbationResult:
 
 def minimal_perturbation(objective: Callable[[list], Array], kernels: Sequence[Array], target: float,
                          steps: int = 300, learning_rate: float = 0.01, penalty: float = 100.0, margin: float = 0.05,
-                         bisection_steps: int = 40) -> PerturbationResult:
+                         polish_steps: int = 8, bisection_steps: int = 40) -> PerturbationResult:
     """Smallest kernel perturbation (relative Frobenius norm) found by gradients that lifts
     ``objective(kernels)`` (e.g. an estimated tail probability) to ``>= target``.
 
-    Minimises ``rel^2 + penalty * relu(log(target) + margin - log(objective))^2`` with optax Adam,
-    where ``delta_l = rms(W_l) u_l`` so that every layer's step is relative to its scale; then a
-    bisection along the found ``delta`` takes the smallest multiple that still meets the target.
+    1. optax Adam (cosine-decayed step) on ``rel^2 + penalty * relu(log(target) + margin -
+       log(objective))^2``, with ``delta_l = rms(W_l) u_l`` so every layer's step is relative to
+       its scale;
+    2. ``polish_steps`` fixed-point steps on the optimality condition of the constrained problem
+       (``delta`` parallel to the objective's gradient at ``W + delta``): ``delta <- c grad``, each
+       kept only if it lowers the norm while meeting the target;
+    3. ``c`` always by bisection: the smallest multiple of the direction that meets the target.
     Only ``objective``'s gradients are used (no samples if it is a cumulant estimate)."""
     kernels = [jnp.asarray(W) for W in kernels]
     scales = [jnp.sqrt(jnp.mean(W**2)) for W in kernels]
@@ -391,15 +396,12 @@ def minimal_perturbation(objective: Callable[[list], Array], kernels: Sequence[A
     def deltas(u):
         return [s * x for s, x in zip(scales, u)]
 
-    def perturbed(u, c=1.0):
-        return [W + c * d for W, d in zip(kernels, deltas(u))]
-
     def loss(u):
-        value = objective(perturbed(u))
+        value = objective([W + d for W, d in zip(kernels, deltas(u))])
         short = jax.nn.relu(log_target + margin - jnp.log(jnp.maximum(value, 1e-300)))
-        return relative_norm(deltas(u), kernels) ** 2 + penalty * short**2, value
+        return relative_norm(deltas(u), kernels, squared=True) + penalty * short**2, value
 
-    opt = optax.adam(learning_rate)
+    opt = optax.adam(optax.cosine_decay_schedule(learning_rate, max(steps, 1)))
     u = [jnp.zeros_like(W) for W in kernels]
     state = opt.init(u)
 
@@ -413,20 +415,44 @@ def minimal_perturbation(objective: Callable[[list], Array], kernels: Sequence[A
     for _ in range(steps):
         u, state, value, rel = update(u, state)
         history.append((float(rel), float(value)))
-    value_at = jax.jit(lambda c: objective(perturbed(u, c)))
-    lo, hi = 0.0, 1.0
-    while float(value_at(hi)) < target:  # the penalty leaves the end just short of the target: extend
-        hi *= 2
-        if hi > 64:
-            raise RuntimeError(f"no multiple of the found perturbation reaches the target {target}")
-    if float(value_at(0.0)) >= target:
-        hi = 0.0
-    for _ in range(bisection_steps if hi > 0 else 0):
-        mid = 0.5 * (lo + hi)
-        lo, hi = (lo, mid) if float(value_at(mid)) >= target else (mid, hi)
-    final = perturbed(u, hi)
-    rel = float(relative_norm([f - W for f, W in zip(final, kernels)], kernels))
-    return PerturbationResult(final, rel, float(value_at(hi)), history, hi)
+
+    value_at = jax.jit(lambda d, c: objective([W + c * x for W, x in zip(kernels, d)]))
+    grad_at = jax.jit(jax.grad(lambda d: objective([W + x for W, x in zip(kernels, d)])))
+
+    def smallest_multiple(d):
+        """Smallest c >= 0 with value(c d) >= target (bisection), or None."""
+        hi = 1.0
+        while float(value_at(d, hi)) < target:
+            hi *= 2
+            if hi > 64:
+                return None
+        lo = 0.0
+        for _ in range(bisection_steps):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (lo, mid) if float(value_at(d, mid)) >= target else (mid, hi)
+        return hi
+
+    if float(value_at([jnp.zeros_like(W) for W in kernels], 0.0)) >= target:
+        return PerturbationResult(kernels, 0.0, float(objective(kernels)), history, 0.0)
+    delta = deltas(u)
+    scale = smallest_multiple(delta)
+    if scale is None:
+        raise RuntimeError(f"no multiple of the found perturbation reaches the target {target}")
+    delta = [scale * d for d in delta]
+    best = float(relative_norm(delta, kernels))
+    for _ in range(polish_steps):
+        g = grad_at(delta)
+        c = smallest_multiple(g)
+        if c is None:
+            break
+        cand = [c * x for x in g]
+        rel = float(relative_norm(cand, kernels))
+        if rel >= best * (1 - 1e-6):
+            break
+        delta, best = cand, rel
+        history.append((rel, float(value_at(delta, 1.0))))
+    final = [W + d for W, d in zip(kernels, delta)]
+    return PerturbationResult(final, best, float(objective(final)), history, scale)
 
 
 def replace_kernels(params, kernels: Sequence[Array]):
