@@ -148,76 +148,78 @@ def main(argv=None) -> dict:
     save_figure_atomic(fig, os.path.join(args.out, f"{name}_search.png"), dpi=110)
     plt.close(fig)
 
-    # --- (b) sensitivity maps through the estimator
-    grad_conf = _config(cfg["gradient_estimators"][-1])
-    onehot = jnp.zeros(n).at[j].set(1.0)
-    g_mean = rare.estimate_gradient(params, spec.activations, mean, cov, grad_conf, onehot)
-    g_tail = jax.grad(tail)(kernels)
-    fig, axes = plt.subplots(2, layer + 1, figsize=(3.4 * (layer + 1), 6.2))
-    _imshow_grid(axes[0], [W for W, _ in cj.layer_weights(g_mean)], f"dE[z_{j}]/dW")
-    _imshow_grid(axes[1], g_tail, f"dP(z_{j}>t)/dW")
-    fig.suptitle(f"sensitivity maps through the estimator ({grad_conf.name} / {conf.name})", fontsize=10)
-    fig.tight_layout()
-    save_figure_atomic(fig, os.path.join(args.out, f"{name}_sensitivity.png"), dpi=100)
-    plt.close(fig)
-    sens = dict(mean_grad_norm=[float(jnp.linalg.norm(W)) for W, _ in cj.layer_weights(g_mean)],
-                tail_grad_norm=[float(jnp.linalg.norm(g)) for g in g_tail],
-                tail_grad_top_layer_entries=int(np.argmax([float(jnp.abs(g).max()) for g in g_tail])))
-    store.put("sensitivity", sens)
+    if "gradient_check" not in store:  # (b) and (c) together: a rerun after both is free
+        # --- (b) sensitivity maps through the estimator
+        grad_conf = _config(cfg["gradient_estimators"][-1])
+        onehot = jnp.zeros(n).at[j].set(1.0)
+        g_mean = rare.estimate_gradient(params, spec.activations, mean, cov, grad_conf, onehot)
+        g_tail = jax.grad(tail)(kernels)
+        fig, axes = plt.subplots(2, layer + 1, figsize=(3.4 * (layer + 1), 6.2))
+        _imshow_grid(axes[0], [W for W, _ in cj.layer_weights(g_mean)], f"dE[z_{j}]/dW")
+        _imshow_grid(axes[1], g_tail, f"dP(z_{j}>t)/dW")
+        fig.suptitle(f"sensitivity maps through the estimator ({grad_conf.name} / {conf.name})", fontsize=10)
+        fig.tight_layout()
+        save_figure_atomic(fig, os.path.join(args.out, f"{name}_sensitivity.png"), dpi=100)
+        plt.close(fig)
+        sens = dict(mean_grad_norm=[float(jnp.linalg.norm(W)) for W, _ in cj.layer_weights(g_mean)],
+                    tail_grad_norm=[float(jnp.linalg.norm(g)) for g in g_tail],
+                    tail_grad_top_layer_entries=int(np.argmax([float(jnp.abs(g).max()) for g in g_tail])))
+        store.put("sensitivity", sens)
 
-    # --- (c) estimator gradients vs pathwise Monte Carlo gradients
-    # probe coordinates among those that can move E[z_j] (the other output columns cannot)
-    candidates = np.flatnonzero(np.asarray(ravel_pytree(g_mean)[0]))
-    probe = np.sort(np.asarray(jax.random.choice(keys[3], candidates, (cfg["probe"],), replace=False)))
+        # --- (c) estimator gradients vs pathwise Monte Carlo gradients
+        # probe coordinates among those that can move E[z_j] (the other output columns cannot)
+        candidates = np.flatnonzero(np.asarray(ravel_pytree(g_mean)[0]))
+        probe = np.sort(np.asarray(jax.random.choice(keys[3], candidates, (cfg["probe"],), replace=False)))
 
-    def mc_gradient():
-        pg = rare.pathwise_gradient(keys[4], params, spec, mean, cov, onehot, int(cfg["gradient_samples"]), probe,
-                                    chunk_size=cfg.get("gradient_chunk", 1024))
-        return dict(probe=probe.tolist(), mean=np.asarray(ravel_pytree(pg.mean)[0]).tolist(), sem=np.asarray(ravel_pytree(pg.sem)[0]).tolist(),
-                    probe_cov=pg.probe_cov.tolist(), num_samples=pg.num_samples)
+        def mc_gradient():
+            pg = rare.pathwise_gradient(keys[4], params, spec, mean, cov, onehot, int(cfg["gradient_samples"]), probe,
+                                        chunk_size=cfg.get("gradient_chunk", 1024))
+            return dict(probe=probe.tolist(), mean=np.asarray(ravel_pytree(pg.mean)[0]).tolist(), sem=np.asarray(ravel_pytree(pg.sem)[0]).tolist(),
+                        probe_cov=pg.probe_cov.tolist(), num_samples=pg.num_samples)
 
-    mcg = store.get_or_compute("mc_gradient", mc_gradient)
-    probe = np.asarray(mcg["probe"])
-    g_mc, se_mc = np.asarray(mcg["mean"]), np.asarray(mcg["sem"])
-    live = se_mc > 0  # weights into dead units have exactly zero gradient in every sample
-    rows, grads = {}, {}
-    for e in tqdm(cfg["gradient_estimators"], desc="gradient check"):
-        c = _config(e)
-        g = grads[c.name] = np.asarray(ravel_pytree(rare.estimate_gradient(params, spec.activations, mean, cov, c, onehot))[0])
-        z = (g[live] - g_mc[live]) / se_mc[live]
-        ht = rare.hotelling_test(g[probe], g_mc[probe], mcg["probe_cov"], mcg["num_samples"])
-        rows[c.name] = dict(mean_z=float(z.mean()), mean_z2=float((z**2).mean()), frac_abs_z_gt_3=float(np.mean(np.abs(z) > 3)),
-                            coordinates=int(live.sum()), hotelling=ht,
-                            rel_bias_rms=float(np.sqrt(np.mean((g - g_mc) ** 2)) / np.sqrt(np.mean(g_mc**2))),
-                            estimate_probe=g[probe].tolist())
-    store.put("gradient_check", rows)
-    fig, ax = plt.subplots(1, 2, figsize=(10, 4))
-    for nm, r in rows.items():
-        ax[0].errorbar(g_mc[probe], r["estimate_probe"], xerr=2 * se_mc[probe], fmt="o", ms=3, capsize=2,
-                       label=f"{nm}: Hotelling p={r['hotelling']['p_value']:.2g}")
-    lo, hi = float(g_mc[probe].min()), float(g_mc[probe].max())
-    ax[0].plot([lo, hi], [lo, hi], "k-", lw=0.6)
-    ax[0].set_xlabel("Monte Carlo gradient (±2 SE)")
-    ax[0].set_ylabel("estimator gradient")
-    ax[0].legend(fontsize=7)
-    ax[0].set_title(f"{cfg['probe']} random coordinates of dE[z_{j}]/dparams", fontsize=9)
-    bins = np.linspace(-6, 6, 61)
-    for nm, g in grads.items():
-        ax[1].hist(np.clip((g[live] - g_mc[live]) / se_mc[live], -6, 6), bins=bins, density=True, histtype="step", label=nm)
-    xs = np.linspace(-6, 6, 200)
-    ax[1].plot(xs, np.exp(-xs**2 / 2) / np.sqrt(2 * np.pi), "k--", lw=1, label="N(0, 1)")
-    ax[1].set_xlabel("z = (estimate - MC) / SE, every weight")
-    ax[1].legend(fontsize=7)
-    fig.tight_layout()
-    save_figure_atomic(fig, os.path.join(args.out, f"{name}_gradients.png"), dpi=110)
-    plt.close(fig)
+        mcg = store.get_or_compute("mc_gradient", mc_gradient)
+        probe = np.asarray(mcg["probe"])
+        g_mc, se_mc = np.asarray(mcg["mean"]), np.asarray(mcg["sem"])
+        live = se_mc > 0  # weights into dead units have exactly zero gradient in every sample
+        rows, grads = {}, {}
+        for e in tqdm(cfg["gradient_estimators"], desc="gradient check"):
+            c = _config(e)
+            g = grads[c.name] = np.asarray(ravel_pytree(rare.estimate_gradient(params, spec.activations, mean, cov, c, onehot))[0])
+            z = (g[live] - g_mc[live]) / se_mc[live]
+            ht = rare.hotelling_test(g[probe], g_mc[probe], mcg["probe_cov"], mcg["num_samples"])
+            rows[c.name] = dict(mean_z=float(z.mean()), mean_z2=float((z**2).mean()), frac_abs_z_gt_3=float(np.mean(np.abs(z) > 3)),
+                                coordinates=int(live.sum()), hotelling=ht,
+                                rel_bias_rms=float(np.sqrt(np.mean((g - g_mc) ** 2)) / np.sqrt(np.mean(g_mc**2))),
+                                estimate_probe=g[probe].tolist())
+        store.put("gradient_check", rows)
+        fig, ax = plt.subplots(1, 2, figsize=(10, 4))
+        for nm, r in rows.items():
+            ax[0].errorbar(g_mc[probe], r["estimate_probe"], xerr=2 * se_mc[probe], fmt="o", ms=3, capsize=2,
+                           label=f"{nm}: Hotelling p={r['hotelling']['p_value']:.2g}")
+        lo, hi = float(g_mc[probe].min()), float(g_mc[probe].max())
+        ax[0].plot([lo, hi], [lo, hi], "k-", lw=0.6)
+        ax[0].set_xlabel("Monte Carlo gradient (±2 SE)")
+        ax[0].set_ylabel("estimator gradient")
+        ax[0].legend(fontsize=7)
+        ax[0].set_title(f"{cfg['probe']} random coordinates of dE[z_{j}]/dparams", fontsize=9)
+        bins = np.linspace(-6, 6, 61)
+        for nm, g in grads.items():
+            ax[1].hist(np.clip((g[live] - g_mc[live]) / se_mc[live], -6, 6), bins=bins, density=True, histtype="step", label=nm)
+        xs = np.linspace(-6, 6, 200)
+        ax[1].plot(xs, np.exp(-xs**2 / 2) / np.sqrt(2 * np.pi), "k--", lw=1, label="N(0, 1)")
+        ax[1].set_xlabel("z = (estimate - MC) / SE, every weight")
+        ax[1].legend(fontsize=7)
+        fig.tight_layout()
+        save_figure_atomic(fig, os.path.join(args.out, f"{name}_gradients.png"), dpi=110)
+        plt.close(fig)
     store.put("done", True)
     print(f"\n(a) P(z_{j} > {t:.3g}): IS {s['before']['is_p']:.3g} ± {s['before']['is_sem']:.2g} (estimate "
           f"{s['estimate_before']:.3g}) -> target {s['target']:.3g}; relative perturbation {s['relative_norm']:.4f}; "
           f"after: estimate {s['estimate_after']:.3g}, IS {s['after']['is_p']:.3g} ± {s['after']['is_sem']:.2g}, "
           f"MC {s['after']['mc_p']:.3g} ± {s['after']['mc_sem']:.2g}")
+    sens, rows = store["sensitivity"], store["gradient_check"]
     print(f"(b) gradient norms per layer: mean {sens['mean_grad_norm']}, tail {sens['tail_grad_norm']}")
-    print(f"(c) estimator vs pathwise MC gradients ({mcg['num_samples']} samples):")
+    print(f"(c) estimator vs pathwise MC gradients ({cfg['gradient_samples']} samples):")
     for nm, r in rows.items():
         print(f"  {nm:>14}: mean z {r['mean_z']:+.3f}  mean z^2 {r['mean_z2']:.3f}  |z|>3 {r['frac_abs_z_gt_3']:.4f}  "
               f"Hotelling T2 {r['hotelling']['t2']:.1f} (K={r['hotelling']['dof']}, p={r['hotelling']['p_value']:.3g})  "
