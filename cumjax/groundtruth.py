@@ -139,7 +139,7 @@ def ground_truth(batched_params, spec: MLPSpec, mean, cov, num_samples: int, see
                  cache_dir: str | None = None, chunk_size: int | None = None, block_chunks: int = 16,
                  all_layers: bool = False, second_moments: bool = False, dtype=jnp.float32,
                  mesh: jax.sharding.Mesh | None = None, max_blocks: int | None = None,
-                 progress: bool = True) -> mc.MCResult | None:
+                 partial: bool = False, progress: bool = True) -> mc.MCResult | None:
     """Monte Carlo statistics of ``B`` networks (``batched_params``: leaves with a leading axis B)
     on the input ``N(mean (d,), cov (d, d))`` over ``num_samples`` samples each.
 
@@ -152,6 +152,8 @@ def ground_truth(batched_params, spec: MLPSpec, mean, cov, num_samples: int, see
     mesh: a 1-D :class:`jax.sharding.Mesh`; the network axis is split over its devices.
     max_blocks: stop after this many *new* blocks and return None if not finished (to test resume,
         or to spread a long run over several calls).
+    partial: if not finished, return the statistics of the samples done so far (the first
+        ``blocks_done * block`` of them; ``num_samples`` says how many) instead of None.
     """
     plan = make_plan(num_samples, chunk_size, block_chunks)
     params, mean, cov = mc._prepare(batched_params, spec, mean, cov, dtype, batch_dims=1)
@@ -191,13 +193,13 @@ def ground_truth(batched_params, spec: MLPSpec, mean, cov, num_samples: int, see
             _save(path, jax.tree_util.tree_map(lambda x: x[:B], state), done, key)
         bar.update(1)
     bar.close()
-    if done < plan.num_blocks:
+    if done < plan.num_blocks and not (partial and done > 0):
         return None
     state = jax.tree_util.tree_map(lambda x: x[:B], state)
-    res = mc._result(state, plan.num_samples)
+    res = mc._result(state, min(done * plan.block, plan.num_samples))
     keep = spec.labels if all_layers else (spec.labels[-1],)
     pick = lambda d: None if d is None else {k: d[k] for k in keep}  # noqa: E731
-    return mc.MCResult(pick(res.mean), pick(res.sem), pick(res.second), plan.num_samples)
+    return mc.MCResult(pick(res.mean), pick(res.sem), pick(res.second), res.num_samples)
 
 
 def stack_networks(params_list):

@@ -1,0 +1,307 @@
+"""MSE of the estimated output mean vs FLOPs, cumulant propagation against Monte Carlo.
+
+For each activation: ``networks`` He-initialised MLPs (``layers`` linear layers of ``width``,
+N(0, I) input), a cached Monte Carlo ground truth over all of them at once
+(:func:`cumjax.groundtruth.ground_truth`), and every estimator variant (k_max x term set, plus the
+factored term set for k_max 3/4) evaluated jitted and vmapped over the networks. For each variant:
+MSE per output coordinate, the ground truth's noise floor (subtracted and shown), standard errors
+across networks, FLOPs (:func:`cumjax.estimator_flops`) and the Monte Carlo FLOP-equivalence ratio
+(MC FLOPs needed for the same MSE / the estimator's FLOPs), or an upper bound on the MSE (a lower
+bound on the ratio) when the MSE is not resolved above the noise floor. Monte Carlo itself is the
+line MSE(m) = variance / m at m forward passes. Variants the memory guard refuses are recorded as
+skipped with the reason (and retried on a rerun).
+
+    python experiments/mse_vs_flops.py --config configs/mse_vs_flops_smoke.json --out results/
+
+Writes ``<out>/mse_vs_flops_<name>.json`` after every ground truth and every variant (a rerun
+resumes), and ``<out>/mse_vs_flops_<name>.png``. Ground truths are cached in ``<out>/gt_cache``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+import cumjax as cj  # noqa: E402
+from cumjax import flops  # noqa: E402
+from cumjax import groundtruth as gt  # noqa: E402
+from cumjax.propagate import estimated_bytes  # noqa: E402
+from cumjax.results import ResultStore, load_config, save_figure_atomic, write_json_atomic  # noqa: E402
+
+REQUIRED = ("width", "layers", "activations", "networks", "gt_samples", "orders", "kinds")
+DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
+
+
+# ----------------------------------------------------------------------------- shared with mse_vs_width
+
+
+def check_config(cfg: dict, required=REQUIRED) -> None:
+    """Raise ValueError on a config that cannot run (before any heavy work)."""
+    missing = [k for k in required if k not in cfg]
+    if missing:
+        raise ValueError(f"config {cfg.get('name')!r} lacks {missing}")
+    for a in cfg["activations"]:
+        if a not in cj.ACTIVATIONS:
+            raise ValueError(f"unknown activation {a!r}; choose from {sorted(cj.ACTIVATIONS)}")
+    if int(cfg["networks"]) < 2:
+        raise ValueError("need networks >= 2 (standard errors across networks)")
+    for k in cfg["orders"]:
+        if k not in (1, 2, 3, 4):
+            raise ValueError(f"orders must be in 1..4, got {k!r}")
+    for kind in cfg["kinds"]:
+        if kind not in cj.KINDS:
+            raise ValueError(f"unknown kind {kind!r}; choose from {cj.KINDS}")
+    if cfg.get("estimator_dtype", "float64") not in DTYPES:
+        raise ValueError(f"estimator_dtype must be one of {sorted(DTYPES)}")
+    if int(float(cfg["gt_samples"])) < 2:
+        raise ValueError("gt_samples must be >= 2")
+
+
+def variants(cfg) -> list[cj.PropagationConfig]:
+    """Every (k_max, term set) of the config, and the factored term set for k_max 3/4."""
+    out = []
+    for k in cfg["orders"]:
+        for kind in cfg["kinds"]:
+            out.append(cj.PropagationConfig(k_max=k, kind=kind, output_degree=1))
+            if k >= 3 and cfg.get("factored", True):
+                out.append(cj.PropagationConfig(k_max=k, kind=kind, factored=True, output_degree=1))
+    return out
+
+
+def make_spec(width: int, layers: int, activation: str) -> cj.MLPSpec:
+    return cj.MLPSpec(input_dim=width, width=width, output_dim=width, num_layers=layers, activations=activation)
+
+
+def networks(cfg, spec: cj.MLPSpec):
+    """``networks`` He-initialised float32 MLPs stacked on a leading axis (seeds seed..seed+B-1;
+    the same weights for every activation of one width)."""
+    seed = int(cfg.get("seed", 0))
+    ps = [cj.init_params(jax.random.PRNGKey(seed + i), spec, cj.Init(kind="he"), dtype=jnp.float32)
+          for i in range(int(cfg["networks"]))]
+    return gt.stack_networks(ps)
+
+
+def truth_for(cfg, spec, params, cache_dir, progress=True, max_blocks=None):
+    """The cached ground truth of the output (mean, sem (B, n)), the sample count and seconds.
+    max_blocks: sample at most that many more blocks, and use the samples done so far (a partial
+    ground truth, with its larger noise floor) if that does not finish it; None if none are done."""
+    w = spec.input_dim
+    t0 = time.perf_counter()
+    res = gt.ground_truth(params, spec, jnp.zeros(w, jnp.float32), jnp.eye(w, dtype=jnp.float32),
+                          int(float(cfg["gt_samples"])), int(cfg.get("gt_seed", 0)), cache_dir=cache_dir,
+                          chunk_size=cfg.get("gt_chunk"), block_chunks=int(cfg.get("gt_block_chunks", 16)),
+                          max_blocks=max_blocks, partial=max_blocks is not None, progress=progress)
+    if res is None:
+        return None
+    label = spec.labels[-1]
+    return np.asarray(res.mean[label]), np.asarray(res.sem[label]), res.num_samples, time.perf_counter() - t0
+
+
+def run_variant(cfg, spec, params, config: cj.PropagationConfig) -> dict:
+    """Estimates (B, n) of one variant for every network, its FLOPs and times; or
+    ``{"status": "skipped", "reason": ...}`` when the memory guard refuses it."""
+    dtype = DTYPES[cfg.get("estimator_dtype", "float64")]
+    w = spec.input_dim
+    mean, cov = jnp.zeros(w, dtype), jnp.eye(w, dtype=dtype)
+    params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+    B = jax.tree_util.tree_leaves(params)[0].shape[0]
+    # vmap over as many networks at once as fit the memory budget (k_max >= 3 at large widths: one)
+    per_net = estimated_bytes(spec.width, spec.num_layers, config, jnp.dtype(dtype).itemsize)
+    budget = float(cfg.get("vmap_bytes", 4e9))
+    batch = int(max(1, min(B, budget // max(per_net, 1))))
+    one = lambda p: cj.estimate_mean(p, spec.activations, mean, cov, config)  # noqa: E731
+    fn = jax.jit(lambda ps: jax.lax.map(one, ps, batch_size=batch))
+    try:
+        t0 = time.perf_counter()
+        compiled = fn.lower(params).compile()
+        compile_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        est = np.asarray(jax.block_until_ready(compiled(params)))
+        run_s = (time.perf_counter() - t0) / B
+        single = jax.tree_util.tree_map(lambda x: x[0], params)
+        if cfg.get("xla_flops", True):  # analytic count beside XLA's count of the unrolled program
+            report = flops.estimator_flop_report(single, spec.activations, mean, cov, config)
+        else:
+            report = dict(analytic=cj.estimator_flops(single, spec.activations, mean, cov, config))
+        fl = report["analytic"]
+    except (MemoryError, NotImplementedError) as e:
+        return dict(status="skipped", reason=f"{type(e).__name__}: {e}")
+    except jax.errors.JaxRuntimeError as e:  # allocation failure at run time
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return dict(status="skipped", reason=f"out of memory at run time: {str(e)[:300]}")
+    if not np.all(np.isfinite(est)):
+        return dict(status="failed", reason="non-finite estimate")
+    return dict(status="ok", estimates=est, flops=fl, flop_report=report, run_s=run_s, compile_s=compile_s,
+                vmap_batch=batch)
+
+
+EST_KEYS = ("width", "widths", "layers", "networks", "seed", "estimator_dtype", "xla_flops")
+
+
+def estimates_store(path: str, cfg: dict) -> ResultStore:
+    """Estimates of every variant, kept apart from the scores: they do not depend on the ground
+    truth (computed while it runs with ``--estimates-only``, rescored when it changes)."""
+    return ResultStore(path, meta={k: cfg[k] for k in EST_KEYS if k in cfg})
+
+
+def evaluate(store: ResultStore, key: str, cfg, spec, params, truth, config, redo=None, estimates=None) -> dict | None:
+    """Score one variant against the truth, through the stores (skipped/failed entries are
+    retried); with ``truth`` None only compute and store the estimates (returns None)."""
+    old = store.entries.get(key)
+    redo = bool(redo and re.search(redo, key))
+    if truth is not None and old is not None and old.get("status") == "ok" and not redo:
+        return old
+    r = None if estimates is None or redo else estimates.entries.get(key)
+    if r is None or r.get("status") != "ok":
+        r = run_variant(cfg, spec, params, config)
+        if estimates is not None:
+            estimates.put(key, dict(r, estimates=r["estimates"].tolist()) if r["status"] == "ok" else r)
+    if truth is None:
+        return None
+    mean, sem, n, _ = truth
+    if r["status"] == "ok":
+        score = gt.compare_to_truth(r["estimates"], mean, sem, n, r["flops"], cj.forward_flops(spec))
+        r = dict(status="ok", estimator=config.name, **score, flop_report=r["flop_report"], run_s=r["run_s"],
+                 compile_s=r["compile_s"], vmap_batch=r["vmap_batch"])
+    else:
+        r = dict(estimator=config.name, **r)
+    store.put(key, r)
+    return r
+
+
+def fmt_row(r: dict) -> str:
+    if r.get("status") != "ok":
+        return f"{r['estimator']:<22} {r['status']}: {r['reason'][:110]}"
+    if r["resolved"]:
+        mse = f"{r['excess']:.3e}+-{r['excess_se']:.1e}"
+        ratio = f"{r['ratio']:.3g} [{r['ratio_low']:.3g}, {r['ratio_high']:.3g}]"
+    else:
+        mse, ratio = f"< {r['mse_upper']:.3e}", f">= {r['ratio_lower']:.3g}"
+    return f"{r['estimator']:<22}{mse:>22}{r['mse']:>11.3e}{r['flops']:>11.3e}{ratio:>28}{r['run_s']:>9.3f}"
+
+
+HEADER = f"{'estimator':<22}{'MSE - floor (+-se)':>22}{'raw MSE':>11}{'FLOPs':>11}{'MC FLOPs to match / FLOPs':>28}{'run s':>9}"
+
+
+# ----------------------------------------------------------------------------- this experiment
+
+
+def plot(summary: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    acts = list(summary)
+    fig, axes = plt.subplots(1, len(acts), figsize=(6.5 * len(acts), 5), squeeze=False)
+    for ax, act in zip(axes[0], acts):
+        s = summary[act]
+        fwd, var = s["forward_flops"], s["output_variance"]
+        ok = [r for r in s["rows"] if r.get("status") == "ok"]
+        fl = [r["flops"] for r in ok] + [fwd]
+        m = np.logspace(np.log10(max(min(fl) / fwd / 10, 1)), np.log10(max(fl) / fwd * 10 + 10), 100)
+        ax.plot(m * fwd, var / m, "k-", label="Monte Carlo: var / m")
+        ax.axhline(s["noise_floor"], color="gray", ls=":", label=f"ground-truth noise floor ({s['gt_samples']:.2g} samples)")
+        for i, r in enumerate(ok):
+            c = f"C{i % 10}"
+            if r["resolved"]:
+                err = [[r["excess_se"]], [r["excess_se"]]]
+                ax.errorbar(r["flops"], r["excess"], yerr=err, fmt="o", color=c, capsize=3,
+                            label=f"{r['estimator']} ({r['ratio']:.3g}x)")
+            else:
+                ax.errorbar(r["flops"], r["mse_upper"], yerr=[[r["mse_upper"] * 0.5], [0]], uplims=True, fmt="v", color=c,
+                            label=f"{r['estimator']} (< bound, >= {r['ratio_lower']:.3g}x)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("FLOPs")
+        ax.set_ylabel("MSE per output coordinate (noise floor subtracted)")
+        ax.set_title(f"{act}: width {s['width']}, {s['layers']} linear layers, {s['networks']} networks")
+        ax.legend(fontsize=7)
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    save_figure_atomic(fig, path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "mse_vs_flops_smoke.json"))
+    p.add_argument("--out", default="results")
+    p.add_argument("--activations", default=None, help="comma-separated subset of the config's activations")
+    p.add_argument("--redo", default=None, help="regex: recompute the variants whose key matches")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--estimates-only", action="store_true", help="compute and store the estimates, no ground truth")
+    p.add_argument("--truth-blocks", type=int, default=None,
+                   help="sample at most this many more ground-truth blocks and score against the samples done so far")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    check_config(cfg)
+    acts = cfg["activations"] if args.activations is None else args.activations.split(",")
+    bad = [a for a in acts if a not in cfg["activations"]]
+    if bad:
+        raise ValueError(f"activations {bad} are not in the config ({cfg['activations']})")
+    jax.config.update("jax_enable_x64", True)  # float64 accumulation; arrays carry explicit dtypes
+
+    name = f"mse_vs_flops_{cfg['name']}"
+    meta = {k: v for k, v in cfg.items() if k != "activations"}
+    store = ResultStore(os.path.join(args.out, f"{name}.json"), meta=meta)
+    cache = os.path.join(args.out, "gt_cache")
+    est = estimates_store(os.path.join(args.out, f"{name}_estimates.json"), cfg)
+    summary = store.data.get("summary", {})
+    print(f"device: {jax.devices()[0]}  config: {cfg['name']}")
+    for act in acts:
+        spec = make_spec(int(cfg["width"]), int(cfg["layers"]), act)
+        params = networks(cfg, spec)
+        if args.estimates_only:
+            for config in variants(cfg):
+                evaluate(store, f"{act}/{config.name}", cfg, spec, params, None, config, args.redo, est)
+                print(f"  {act} {config.name}: {est[f'{act}/{config.name}']['status']}", flush=True)
+            continue
+        truth = truth_for(cfg, spec, params, cache, progress=not args.no_progress, max_blocks=args.truth_blocks)
+        if truth is None:
+            print(f"{act}: no ground-truth samples yet")
+            continue
+        mean, sem, n, secs = truth
+        tkey = f"{act}/truth"
+        if tkey in store and store[tkey]["num_samples"] != n:  # the ground truth grew: rescore this activation
+            for k in [k for k in store.entries if k.startswith(f"{act}/")]:
+                del store.entries[k]
+        if tkey not in store:
+            floor = float(np.mean(sem.astype(np.float64) ** 2))
+            mc_report = flops.montecarlo_flop_report(jax.tree_util.tree_map(lambda x: x[0], params), spec)
+            store.put(tkey, dict(num_samples=n, noise_floor=floor, output_variance=floor * n, seconds=secs,
+                                 forward_flops=cj.forward_flops(spec), mc_flop_report=mc_report))
+        t = store[tkey]
+        print(f"\n{act}: ground truth {n:.3g} samples x {cfg['networks']} networks, noise floor {t['noise_floor']:.3e}, "
+              f"output variance {t['output_variance']:.4f}, forward FLOPs {cj.forward_flops(spec):.3e}")
+        rows = []
+        for config in variants(cfg):
+            rows.append(evaluate(store, f"{act}/{config.name}", cfg, spec, params, truth, config, args.redo, est))
+            print("  " + fmt_row(rows[-1]), flush=True)
+        summary[act] = dict(width=cfg["width"], layers=cfg["layers"], networks=cfg["networks"], gt_samples=n,
+                            noise_floor=t["noise_floor"], output_variance=t["output_variance"],
+                            forward_flops=cj.forward_flops(spec), rows=rows)
+        ok = [r for r in rows if r.get("status") == "ok"]
+        best = max(ok, key=lambda r: r["ratio"] if r["resolved"] else r["ratio_lower"], default=None)
+        summary[act]["best"] = None if best is None else best["estimator"]
+        store.data["summary"] = summary
+        write_json_atomic(store.data, store.path)
+        print(f"\n{act}: " + HEADER)
+        for r in rows:
+            print(f"{act}: " + fmt_row(r))
+    if summary:
+        plot(summary, os.path.join(args.out, f"{name}.png"))
+    print(f"\nwrote {store.path} and {name}.png")
+    return store.data
+
+
+if __name__ == "__main__":
+    main()

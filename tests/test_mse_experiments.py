@@ -1,0 +1,138 @@
+"""mse_vs_flops and mse_vs_width run end to end on their smoke configs, resume, and skip refused variants."""
+import json
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cumjax as cj
+from cumjax import groundtruth as gt
+
+ROOT = os.path.join(os.path.dirname(__file__), "..")
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+import mse_vs_flops as mvf  # noqa: E402
+import mse_vs_width as mvw  # noqa: E402
+
+CFG = lambda name: os.path.join(ROOT, "configs", f"{name}.json")  # noqa: E731
+
+
+def _no_recompute(monkeypatch):
+    def boom(*a, **k):
+        raise AssertionError("recomputed a stored result")
+
+    monkeypatch.setattr(mvf, "run_variant", boom)
+    monkeypatch.setattr(gt, "_step", boom)
+
+
+def test_mse_vs_flops_smoke_and_resume(tmp_path, monkeypatch):
+    args = ["--config", CFG("mse_vs_flops_smoke"), "--out", str(tmp_path), "--no-progress"]
+    data = mvf.main(args)
+    cfg = json.load(open(CFG("mse_vs_flops_smoke")))
+    assert set(data["summary"]) == set(cfg["activations"])
+    names = {c.name for c in mvf.variants(cfg)}
+    for act, s in data["summary"].items():
+        spec = mvf.make_spec(cfg["width"], cfg["layers"], act)
+        assert s["forward_flops"] == cj.forward_flops(spec)
+        assert {r["estimator"] for r in s["rows"]} == names
+        for r in s["rows"]:
+            assert r["status"] == "ok" and r["flops"] > 0
+            assert r["noise_floor"] == pytest.approx(s["noise_floor"])
+            scale = s["output_variance"] * s["forward_flops"] / r["flops"]
+            if r["resolved"]:
+                assert r["excess"] > r["noise_floor"] and r["ratio"] == pytest.approx(scale / r["excess"])
+            else:  # unresolved: a bound, never a ratio
+                assert "ratio" not in r and r["ratio_lower"] == pytest.approx(scale / r["mse_upper"])
+    # tanh is odd and the input symmetric: the output mean is exactly 0, every estimator gets it, and
+    # their measured MSE is the ground truth's own noise, i.e. below the floor -> upper bounds only
+    if "tanh" in data["summary"]:
+        rows = data["summary"]["tanh"]["rows"]
+        assert not any(r["resolved"] for r in rows)
+        spec = mvf.make_spec(cfg["width"], cfg["layers"], "tanh")
+        truth, sem, _, _ = mvf.truth_for(cfg, spec, mvf.networks(cfg, spec), str(tmp_path / "gt_cache"), progress=False)
+        s2 = sem.astype(np.float64) ** 2
+        assert all(r["mse"] == pytest.approx(np.mean(truth.astype(np.float64) ** 2), rel=1e-9) for r in rows)
+        # E[mean(truth^2)] = mean(sem^2) with sd sqrt(2 sum sem^4) / count (Gaussian sample means)
+        assert abs(rows[0]["mse"] - s2.mean()) < 5 * np.sqrt(2 * np.sum(s2 ** 2)) / s2.size
+    assert (tmp_path / "mse_vs_flops_smoke.png").stat().st_size > 0
+    saved = json.loads((tmp_path / "mse_vs_flops_smoke.json").read_text())
+    assert saved["entries"].keys() == data["entries"].keys()
+
+    # a rerun recomputes nothing (ground truth from the cache, variants from the store)
+    with monkeypatch.context() as m:
+        _no_recompute(m)
+        again = mvf.main(args)
+    assert again["entries"] == data["entries"]
+
+    # an interrupted run (one variant missing) computes exactly the missing one
+    missing = f"relu/{mvf.variants(cfg)[-1].name}"
+    del saved["entries"][missing]
+    (tmp_path / "mse_vs_flops_smoke.json").write_text(json.dumps(saved))
+    calls = []
+    real = mvf.run_variant
+    monkeypatch.setattr(mvf, "run_variant", lambda *a: calls.append(a[-1].name) or real(*a))
+    resumed = mvf.main(args)
+    assert calls == [missing.split("/")[1]]
+    assert resumed["entries"][missing]["mse"] == pytest.approx(data["entries"][missing]["mse"], rel=1e-9)
+
+
+def test_refused_variant_is_skipped_with_reason(monkeypatch):
+    # the memory guard in propagate raises MemoryError: recorded as skipped, not a crash
+    monkeypatch.setattr(sys.modules["cumjax.propagate"], "available_bytes", lambda: 1)
+    cfg = dict(estimator_dtype="float64")
+    spec = mvf.make_spec(4, 2, "relu")
+    params = mvf.networks(dict(networks=2), spec)
+    r = mvf.run_variant(cfg, spec, params, cj.PropagationConfig(k_max=2, output_degree=1))
+    assert r["status"] == "skipped" and "MemoryError" in r["reason"]
+    assert "skipped" in mvf.fmt_row(dict(estimator="k2_simple", **r))
+
+
+def test_bad_configs_raise_before_work(tmp_path):
+    cfg = json.load(open(CFG("mse_vs_flops_smoke")))
+    for bad in (dict(activations=["nope"]), dict(networks=1), dict(orders=[5]), dict(kinds=["other"])):
+        path = tmp_path / "bad.json"
+        path.write_text(json.dumps({**cfg, **bad}))
+        with pytest.raises(ValueError):
+            mvf.main(["--config", str(path), "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="not in the config"):
+        mvf.main(["--config", CFG("mse_vs_flops_smoke"), "--out", str(tmp_path), "--activations", "gelu,relu,sigmoid"])
+    wcfg = json.load(open(CFG("mse_vs_width_smoke")))
+    path = tmp_path / "badw.json"
+    path.write_text(json.dumps({**wcfg, "widths": [8, 8]}))
+    with pytest.raises(ValueError, match="widths"):
+        mvw.main(["--config", str(path), "--out", str(tmp_path)])
+    assert not (tmp_path / "gt_cache").exists()
+
+
+def test_fit_slope_recovers_power_law():
+    w = np.array([16, 32, 64, 128])
+    f = mvw.fit_slope(w, 3.0 * w ** -2.5)
+    assert f["slope"] == pytest.approx(-2.5) and f["slope_se"] < 1e-6
+    assert np.isnan(mvw.fit_slope(w[:2], w[:2] ** -1.0)["slope_se"])
+
+
+def test_mse_vs_width_smoke_and_resume(tmp_path, monkeypatch):
+    args = ["--config", CFG("mse_vs_width_smoke"), "--out", str(tmp_path), "--no-progress"]
+    data = mvw.main(args)
+    cfg = json.load(open(CFG("mse_vs_width_smoke")))
+    summary = data["summary"]
+    assert set(summary) == {c.name for c in mvf.variants(cfg)}
+    for name, s in summary.items():
+        assert [p["width"] for p in s["points"]] == cfg["widths"]
+        for p in s["points"]:
+            t = data["entries"][f"n{p['width']}/truth"]
+            spec = mvf.make_spec(p["width"], cfg["layers"], cfg["activation"])
+            assert t["forward_flops"] == cj.forward_flops(spec)
+            # Monte Carlo at the estimator's FLOPs: variance / (flops / forward FLOPs)
+            assert p["mc_matched_mse"] == pytest.approx(t["output_variance"] / (p["flops"] / t["forward_flops"]))
+        fit = s["fit"]
+        assert fit["widths"] == [p["width"] for p in s["points"] if p.get("resolved")]
+        if len(fit["widths"]) >= 2:
+            assert np.isfinite(fit["slope"]) and fit["slope"] < 0  # more width, less error
+    assert (tmp_path / "mse_vs_width_smoke.png").stat().st_size > 0
+    with monkeypatch.context() as m:
+        _no_recompute(m)
+        again = mvw.main(args)
+    assert again["entries"] == data["entries"]
+    assert json.dumps(again["summary"]) == json.dumps(summary)  # (json: nan == nan)
