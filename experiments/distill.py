@@ -95,10 +95,13 @@ class Problem:
         self.target = tr.Moments(jnp.asarray(entry["mean"], jnp.float32), jnp.asarray(entry["cov"], jnp.float32))
 
     def teacher_moments(self) -> dict:
-        n = int(float(self.cfg["teacher_samples"]))
+        """Teacher output moments from ``teacher_samples`` (in ``eval_groups`` groups, averaged:
+        each group's mean and ddof-1 covariance are unbiased, so their averages are too; with
+        ``teacher_samples == eval_samples`` this reuses the evaluation's compiled sampler)."""
+        n, groups = int(float(self.cfg["teacher_samples"])), int(self.cfg["eval_groups"])
         m = tr.monte_carlo_moments(jax.random.PRNGKey(3000 + self.seed), self.teacher, self.spec, self.mean, self.cov, n,
-                                   chunk_size=self.cfg.get("chunk"))
-        mean, cov = np.asarray(m.mean[0], np.float64), np.asarray(m.cov[0], np.float64)
+                                   groups, chunk_size=self.cfg.get("chunk"))
+        mean, cov = np.asarray(m.mean, np.float64).mean(0), np.asarray(m.cov, np.float64).mean(0)
         return dict(mean=mean.tolist(), cov=cov.tolist(), samples=n, mean_se=np.sqrt(np.diag(cov) / n).tolist())
 
     @property
@@ -112,29 +115,30 @@ class Problem:
 
 
 def measure_flops(problem: Problem, estimators) -> dict:
-    """Per estimator: XLA FLOPs of one gradient of the estimated loss, and the matching minibatch;
-    Monte Carlo FLOPs per sample of one gradient of the sampled loss (measured at a reference batch)."""
+    """Per estimator: XLA FLOPs of one gradient of the estimated loss and the minibatch whose
+    sampled-loss gradient costs the same. The sampled gradient's cost is affine in the batch, so
+    XLA's counts at two batch sizes give its per-sample and fixed parts exactly."""
     cfg, p = problem.cfg, problem.student
     ref = int(cfg.get("flops_ref_batch", 1024))
     x = tr.gaussian_batch(jax.random.PRNGKey(0), problem.mean, problem.cov, ref)
-    grad_mc = lambda b: cj.compiled_flops(jax.grad(lambda q, x: tr.sampled_loss(q, problem.spec, x, problem.target)), p, x[:b])  # noqa: E731
-    per_sample = grad_mc(ref) / ref
-    out = dict(mc_per_sample=per_sample, mc_per_sample_analytic=3.0 * cj.forward_flops(problem.spec),
+    grad_mc = jax.grad(lambda q, x: tr.sampled_loss(q, problem.spec, x, problem.target))
+    big, small = cj.compiled_flops(grad_mc, p, x), cj.compiled_flops(grad_mc, p, x[: ref // 2])
+    per_sample = (big - small) / (ref - ref // 2)
+    fixed = big - per_sample * ref
+    out = dict(mc_per_sample=per_sample, mc_fixed=fixed, mc_per_sample_analytic=3.0 * cj.forward_flops(problem.spec),
                forward_per_sample=float(cj.forward_flops(problem.spec)), estimators={})
     for name in estimators:
         config = estimator_config(name)
         unrolled = lambda q: tr.estimated_loss(q, problem.spec, config, problem.target, problem.mean, problem.cov, unroll=True)  # noqa: E731
         grad_flops = cj.compiled_flops(jax.grad(unrolled), p)
-        fwd = cj.estimator_flops(p, problem.spec.activations, problem.mean, problem.cov, config)
-        batch = max(int(cfg.get("min_batch", 4)), 2 * int(round(grad_flops / per_sample / 2)))
-        if batch > ref:  # measured at the batch itself where it fits the reference input
-            x_b = tr.gaussian_batch(jax.random.PRNGKey(0), problem.mean, problem.cov, batch)
-            mc_step = cj.compiled_flops(jax.grad(lambda q, x: tr.sampled_loss(q, problem.spec, x, problem.target)), p, x_b)
-        else:
-            mc_step = grad_mc(batch)
-        out["estimators"][name] = dict(grad_flops=grad_flops, forward_mean_flops=fwd, batch=batch, mc_step_flops=mc_step)
-        print(f"  {name}: estimator gradient {grad_flops:.3g} FLOPs (mean-only forward {fwd:.3g}); "
-              f"matched Monte Carlo batch {batch} ({mc_step:.3g} FLOPs/step)")
+        batch = max(int(cfg.get("min_batch", 4)), 2 * int(round((grad_flops - fixed) / per_sample / 2)))
+        row = dict(grad_flops=grad_flops, batch=batch, mc_step_flops=fixed + per_sample * batch)
+        if cfg.get("forward_flops", False):  # the mean-only forward estimate, for the backward/forward ratio
+            row["forward_mean_flops"] = cj.estimator_flops(p, problem.spec.activations, problem.mean, problem.cov, config)
+        out["estimators"][name] = row
+        print(f"  {name}: estimator gradient {grad_flops:.3g} FLOPs"
+              + (f" (mean-only forward {row['forward_mean_flops']:.3g})" if "forward_mean_flops" in row else "")
+              + f"; matched Monte Carlo batch {batch} ({row['mc_step_flops']:.3g} FLOPs/step)")
     return out
 
 
@@ -173,10 +177,13 @@ def summarise(cfg: dict, store: ResultStore) -> dict:
             if not runs:
                 continue
             finals = np.array([r["final_loss"] for r in runs])
-            row[kind] = dict(final_mean=float(finals.mean()),
+            own = np.array([r["curve"][-1]["train_loss"] for r in runs])  # the loss the run itself saw last
+            row[kind] = dict(final_mean=float(finals.mean()), final_own_loss_mean=float(own.mean()),
                              final_se_seeds=float(finals.std(ddof=1) / np.sqrt(len(finals))) if len(finals) > 1 else None,
                              final_mc_se=float(np.sqrt(np.sum(np.square([r["final_se"] for r in runs]))) / len(runs)),
                              finals=finals.tolist(), flops_per_step=runs[0]["flops_per_step"], batch=runs[0]["batch"])
+        if "est" in row and "mc" in row:
+            row["est_over_mc"] = row["est"]["final_mean"] / row["mc"]["final_mean"]
         out[name] = row
     return out
 
@@ -202,6 +209,9 @@ def plot(cfg: dict, store: ResultStore, path: str) -> None:
             keep = flops > 0  # log axis: the shared initial point is drawn at the first checkpoint's x
             ax.errorbar(flops[keep], np.maximum(mean[keep], 1e-12), yerr=se[keep], fmt=style, color=colors[i % len(colors)],
                         marker="o" if kind == "est" else "s", ms=3, capsize=2, label=label)
+    first = [store[k]["curve"][0]["eval_loss"] for k in store.entries if k.startswith("est_")]
+    if first:
+        ax.axhline(np.mean(first), ls=":", color="gray", lw=1, label="initial student")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("cumulative training FLOPs (XLA count of the gradient)")
@@ -235,11 +245,13 @@ def main(argv=None) -> dict:
     store.data["summary"] = summary
     store.put("done", True)
     plot(cfg, store, base + ".png")
-    print(f"\nfinal moment-matching loss (Monte Carlo, mean over {len(cfg['seeds'])} seeds +- SE across seeds):")
-    print(f"{'estimator':>12}{'FLOPs/step':>12}{'through estimator':>26}{'MC batch':>10}{'sampled, equal FLOPs':>26}")
+    print(f"\nfinal moment-matching loss (Monte Carlo, mean over {len(cfg['seeds'])} seeds +- SE across seeds, or the Monte Carlo SE for one seed):")
+    print(f"{'estimator':>12}{'FLOPs/step':>12}{'through estimator':>24}{'(its own estimate)':>20}{'MC batch':>10}"
+          f"{'sampled, equal FLOPs':>24}{'est / sampled':>15}")
     for name, row in summary.items():
         fmt = lambda r: f"{r['final_mean']:.4g} +- {r['final_se_seeds'] or r['final_mc_se']:.2g}"  # noqa: E731
-        print(f"{name:>12}{row['est']['flops_per_step']:>12.3g}{fmt(row['est']):>26}{row['mc']['batch']:>10}{fmt(row['mc']):>26}")
+        print(f"{name:>12}{row['est']['flops_per_step']:>12.3g}{fmt(row['est']):>24}{row['est']['final_own_loss_mean']:>20.3g}"
+              f"{row['mc']['batch']:>10}{fmt(row['mc']):>24}{row['est_over_mc']:>15.3g}")
     print(f"wrote {base}.json and {base}.png")
     return store.data
 

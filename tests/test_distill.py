@@ -43,47 +43,46 @@ def _square_closed_form(params, mean, cov):
 def test_estimated_loss_and_gradient_equal_closed_form(k_max, kind):
     spec, params, mean, cov, target = _square_net()
     config = cj.PropagationConfig(k_max=k_max, kind=kind)
-    exact = lambda p: tr.moment_loss(_square_closed_form(p, mean, cov), target)  # noqa: E731
-    est = lambda p: tr.estimated_loss(p, spec, config, target, mean, cov)  # noqa: E731
-    assert float(est(params)) == pytest.approx(float(exact(params)), rel=1e-12)
-    g_est, g_exact = jax.grad(est)(params), jax.grad(exact)(params)
+    exact = jax.value_and_grad(lambda p: tr.moment_loss(_square_closed_form(p, mean, cov), target))
+    est = jax.jit(jax.value_and_grad(lambda p: tr.estimated_loss(p, spec, config, target, mean, cov)))
+    (v_est, g_est), (v_exact, g_exact) = est(params), exact(params)
+    assert float(v_est) == pytest.approx(float(v_exact), rel=1e-12)
     for a, b in zip(jax.tree_util.tree_leaves(g_est), jax.tree_util.tree_leaves(g_exact)):
         np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-10 * float(jnp.max(jnp.abs(b))))
-    # and the simple k_max = 2 set is not exact here (so the check above has teeth)
-    simple2 = tr.estimated_loss(params, spec, cj.PropagationConfig(k_max=2), target, mean, cov)
-    assert abs(float(simple2) - float(exact(params))) > 1e-3
 
 
-@pytest.mark.parametrize("k_max,kind", [(2, "simple"), (3, "augment")])
+@pytest.mark.parametrize("k_max,kind", [(1, "simple"), (2, "augment")])
 def test_gradient_matches_finite_differences(k_max, kind):
     spec = cj.MLPSpec(4, 6, 2, 3, "relu", use_bias=True)
     params = cj.init_params(jax.random.PRNGKey(1), spec, cj.Init(kind="he", b_var=0.2))
     mean, cov = jnp.full(4, 0.1), jnp.eye(4)
     target = tr.Moments(jnp.array([0.5, -0.5]), 0.5 * jnp.eye(2))
-    loss = lambda p: tr.estimated_loss(p, spec, cj.PropagationConfig(k_max=k_max, kind=kind), target, mean, cov)  # noqa: E731
+    value_and_grad = jax.jit(jax.value_and_grad(
+        lambda p: tr.estimated_loss(p, spec, cj.PropagationConfig(k_max=k_max, kind=kind), target, mean, cov)))
+    loss = lambda p: value_and_grad(p)[0]  # noqa: E731  (one compilation for values and gradient)
     leaves, tree = jax.tree_util.tree_flatten(params)
     keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
     v = jax.tree_util.tree_unflatten(tree, [jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)])
     h = 1e-5  # central differences: truncation ~h^2 |L'''| ~ 1e-10, rounding ~eps L / h ~ 1e-11
     shift = lambda s: jax.tree_util.tree_map(lambda p, d: p + s * h * d, params, v)  # noqa: E731
     fd = (float(loss(shift(1))) - float(loss(shift(-1)))) / (2 * h)
-    g = jax.grad(loss)(params)
+    g = value_and_grad(params)[1]
     directional = sum(float(jnp.vdot(a, b)) for a, b in zip(jax.tree_util.tree_leaves(g), jax.tree_util.tree_leaves(v)))
     assert fd == pytest.approx(directional, rel=1e-6, abs=1e-8)
 
 
 def test_sampled_and_monte_carlo_losses_are_unbiased():
-    """On the square network the k_max = 3 estimate is exact, so it is the true loss L. The mean
+    """On the square network the true loss L is known in closed form. The mean
     of many split-half minibatch losses (batch 8, where the plug-in loss would be biased by
     ~tr(Cov)/8) and the grouped Monte Carlo U-statistic must both agree with L within 4 SE."""
     spec, params, mean, cov, target = _square_net()
-    exact = float(tr.estimated_loss(params, spec, cj.PropagationConfig(k_max=3), target, mean, cov))
+    exact = float(tr.moment_loss(_square_closed_form(params, mean, cov), target))
     keys = jax.random.split(jax.random.PRNGKey(7), 20000)
-    batch_losses = jax.vmap(lambda k: tr.sampled_loss(params, spec, tr.gaussian_batch(k, mean, cov, 8), target))(keys)
+    batch_losses = jax.jit(jax.vmap(lambda k: tr.sampled_loss(params, spec, tr.gaussian_batch(k, mean, cov, 8), target)))(keys)
     se = float(jnp.std(batch_losses) / np.sqrt(len(keys)))
     assert abs(float(jnp.mean(batch_losses)) - exact) < 4 * se
-    plug_in = jax.vmap(lambda k: tr.moment_loss(tr.sample_moments(
-        cj.forward(params, spec, tr.gaussian_batch(k, mean, cov, 8))), target))(keys)
+    plug_in = jax.jit(jax.vmap(lambda k: tr.moment_loss(tr.sample_moments(
+        cj.forward(params, spec, tr.gaussian_batch(k, mean, cov, 8))), target)))(keys)
     assert abs(float(jnp.mean(plug_in)) - exact) > 4 * se  # the bias the split-half form removes is visible
     value, value_se = tr.monte_carlo_loss(jax.random.PRNGKey(8), params, spec, target, mean, cov, 2**15, groups=8,
                                           chunk_size=4096)
@@ -96,8 +95,9 @@ def _tiny_problem():
     teacher = cj.init_params(jax.random.PRNGKey(10), spec, init, dtype=jnp.float32)
     student = cj.init_params(jax.random.PRNGKey(11), spec, init, dtype=jnp.float32)
     mean, cov = jnp.zeros(4, jnp.float32), jnp.eye(4, dtype=jnp.float32)
-    m = tr.monte_carlo_moments(jax.random.PRNGKey(12), teacher, spec, mean, cov, 2**15, chunk_size=4096)
-    data = tr.MomentProblem(tr.Moments(m.mean[0].astype(jnp.float32), m.cov[0].astype(jnp.float32)), mean, cov)
+    # same sample count and groups as the evaluations below: one compiled sampler serves both
+    m = tr.monte_carlo_moments(jax.random.PRNGKey(12), teacher, spec, mean, cov, 2**15, groups=8, chunk_size=4096)
+    data = tr.MomentProblem(tr.Moments(m.mean.mean(0).astype(jnp.float32), m.cov.mean(0).astype(jnp.float32)), mean, cov)
 
     def evaluate(p, step):  # independent samples at every checkpoint
         return tr.monte_carlo_loss(jax.random.fold_in(jax.random.PRNGKey(13), step), p, spec, data.target, mean, cov, 2**15,
@@ -163,7 +163,7 @@ def test_distill_smoke_end_to_end_and_resume(tmp_path, monkeypatch):
     # equal FLOPs per step, up to rounding the batch to an even size
     e = saved["entries"]["flops"]
     for name, f in e["estimators"].items():
-        assert abs(f["mc_step_flops"] - f["grad_flops"]) <= 2 * e["mc_per_sample"] + 0.05 * f["grad_flops"]
+        assert abs(f["mc_step_flops"] - f["grad_flops"]) <= e["mc_per_sample"]
 
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was recomputed")
