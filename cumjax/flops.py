@@ -23,8 +23,8 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
+import re
 
 import jax
 import jax.extend  # noqa: F401  (jax.extend.core: jaxpr types)
@@ -256,14 +256,22 @@ def _while_trips(eqn, known: dict) -> int:
     return max(0, -(-span // int(step)))
 
 
+def _param_key(v):
+    if isinstance(v, (Jaxpr, ClosedJaxpr)):
+        return ("jaxpr", id(v))  # jax caches traced jaxprs: the same object is the same computation
+    if isinstance(v, (tuple, list)):
+        return tuple(_param_key(x) for x in v)
+    return repr(v)
+
+
 def _cse_key(eqn, alias: dict):
-    """Identity of an equation for common-subexpression elimination, or None when it has inner
-    jaxprs or effects (never merged)."""
-    if eqn.effects or any(True for _ in jax.extend.core.jaxprs_in_params(eqn.params)):
+    """Identity of an equation for common-subexpression elimination, or None for an effectful
+    one (never merged)."""
+    if eqn.effects:
         return None
     ins = tuple(("lit", repr(v.val), str(v.aval)) if isinstance(v, Literal) else alias.get(v, v) for v in eqn.invars)
     try:
-        return (eqn.primitive.name, tuple(sorted((k, repr(v)) for k, v in eqn.params.items())), ins)
+        return (eqn.primitive.name, tuple(sorted((k, _param_key(v)) for k, v in eqn.params.items())), ins)
     except Exception:  # noqa: BLE001 - an unprintable parameter: do not merge
         return None
 
@@ -388,12 +396,35 @@ def compiled_flops(fn, *args) -> float:
 
 
 def compiled_cost(fn, *args) -> dict:
-    """XLA's ``{"flops", "transcendentals"}`` for ``jax.jit(fn)(*args)`` (a while/scan body is
-    counted once, whatever its trip count)."""
-    cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+    """XLA's view of ``jax.jit(fn)(*args)``: ``flops`` and ``transcendentals`` from its cost
+    analysis, and ``matmul``, the FLOPs of the ``dot`` instructions of the optimized HLO
+    (``2 * output size * contracted size`` each). Like the cost analysis, a while/scan body is
+    counted once, whatever its trip count."""
+    compiled = jax.jit(fn).lower(*args).compile()
+    cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):  # older jax returns one dict per device
         cost = cost[0]
-    return dict(flops=float(cost.get("flops", 0.0)), transcendentals=float(cost.get("transcendentals", 0.0)))
+    return dict(flops=float(cost.get("flops", 0.0)), transcendentals=float(cost.get("transcendentals", 0.0)),
+                matmul=_hlo_dot_flops(compiled.as_text()))
+
+
+_HLO_DEF = re.compile(r"%([\w.\-]+) = \w+\[([\d,]*)\]")
+_HLO_DOT = re.compile(r"= \w+\[([\d,]*)\]\S* dot\(%([\w.\-]+), %[\w.\-]+\),[^\n]*?lhs_contracting_dims=\{([\d,]*)\}")
+
+
+def _hlo_dot_flops(text: str) -> float:
+    """Sum of ``2 * output size * contracted size`` over the dot instructions of HLO text (NaN
+    if a dot's operand shape cannot be read: the text format is not a stable interface)."""
+    shapes = {m.group(1): [int(x) for x in m.group(2).split(",") if x] for m in _HLO_DEF.finditer(text)}
+    total, dots = 0, 0
+    for m in _HLO_DOT.finditer(text):
+        lhs = shapes.get(m.group(2))
+        if lhs is None:
+            return float("nan")
+        out = [int(x) for x in m.group(1).split(",") if x]
+        total += 2 * math.prod(out) * math.prod(lhs[int(d)] for d in m.group(3).split(",") if d)
+        dots += 1
+    return float(total) if dots == text.count(" dot(") else float("nan")
 
 
 def _ratio(a: float, b: float) -> float:
@@ -448,8 +479,9 @@ def estimator_flop_report(params, activations, mean, cov, config: PropagationCon
     xla = compiled_cost(_estimator_fn(activations, config, weight_variances, True), params, mean, cov)
     xla_total = xla["flops"] + xla["transcendentals"]
     return dict(analytic=float(count.total), **{f"analytic_{k}": v for k, v in count.as_dict().items() if k != "total"},
-                analytic_unrolled=float(unrolled.total), xla=xla_total, xla_flops=xla["flops"],
-                xla_transcendentals=xla["transcendentals"], ratio=_ratio(unrolled.total, xla_total))
+                analytic_unrolled=float(unrolled.total), analytic_unrolled_matmul=float(unrolled.matmul),
+                xla=xla_total, xla_flops=xla["flops"], xla_transcendentals=xla["transcendentals"], xla_matmul=xla["matmul"],
+                ratio=_ratio(unrolled.total, xla_total), matmul_ratio=_ratio(unrolled.matmul, xla["matmul"]))
 
 
 # ----------------------------------------------------------------------------- Monte Carlo

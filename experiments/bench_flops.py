@@ -2,7 +2,8 @@
 
 For every (width, k_max, kind, factored) of the config: the analytic count of one estimate of the
 output mean (:func:`cumjax.flops.estimator_flop_report`: jaxpr walk of the scanned and unrolled
-programs, XLA's count of the unrolled one, their ratio); for every width: Monte Carlo's per-sample
+programs, XLA's count of the unrolled one, their ratio, and the ratio of the matmul parts: the
+jaxpr's dot_generals vs the dots of XLA's optimized HLO); for every width: Monte Carlo's per-sample
 count (``forward_flops`` vs the jaxpr and XLA counts of one chunk of the sampler).
 
     python experiments/bench_flops.py --config configs/bench_flops_smoke.json --out results/
@@ -81,14 +82,14 @@ def main(argv=None) -> dict:
 
     rows = list(store.entries.values())
     print(f"\nanalytic / XLA FLOPs (float32, {act}, {layers} linear layers; XLA on the unrolled program)")
-    print(f"{'estimator':<22}{'width':>6}{'analytic':>12}{'matmul %':>10}{'XLA':>12}{'ratio':>8}")
+    print(f"{'estimator':<22}{'width':>6}{'analytic':>12}{'matmul %':>10}{'XLA':>12}{'ratio':>8}{'matmul ratio':>14}")
     for r in sorted(rows, key=lambda r: (r["estimator"], r["width"])):
         if r["estimator"] == "monte_carlo":
             print(f"{'MC chunk per sample':<22}{r['width']:>6}{r['chunk_jaxpr']:>12.4g}{'':>10}{r['chunk_xla']:>12.4g}"
                   f"{r['ratio']:>8.3f}   (forward pass: forward_flops {r['analytic']:.4g})")
         else:
             print(f"{r['estimator']:<22}{r['width']:>6}{r['analytic']:>12.4g}{100 * r['analytic_matmul'] / r['analytic']:>10.1f}"
-                  f"{r['xla']:>12.4g}{r['ratio']:>8.3f}")
+                  f"{r['xla']:>12.4g}{r['ratio']:>8.3f}{r['matmul_ratio']:>14.3f}")
     _plot(rows, os.path.join(args.out, f"bench_flops_{cfg['name']}.png"))
     return store.entries
 
