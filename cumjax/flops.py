@@ -1,7 +1,8 @@
 """FLOP counts: an analytic count from the operations a program executes, and XLA's.
 
 * :func:`jaxpr_flops` walks the jaxpr of a function and counts each primitive from its shapes:
-  ``dot_general`` ``2 * batch * M * N * K``; floating elementwise ops (arithmetic, compares,
+  ``dot_general`` ``2 * batch * M * N * K`` (with ``K = 1``, an outer product, one multiply per
+  output, counted as elementwise); floating elementwise ops (arithmetic, compares,
   selects) 1 per output element, ``integer_pow`` its multiplications; transcendentals (exp, log,
   erf, erfc, tanh, logistic, pow, sqrt, ...) 1 per element, in their own bucket; reducing ``k``
   numbers ``k - 1``; scatter-adds 1 per update; data movement, gathers, integer index arithmetic
@@ -48,7 +49,7 @@ class FlopCount:
     """FLOPs of a program by kind (exact integers from shapes).
 
     matmul: ``dot_general`` (and convolutions) at 2 per multiply-add. elementwise: floating
-    arithmetic, comparisons, selects, reductions and scatter-adds. transcendental: one per element
+    arithmetic, comparisons, selects, reductions, scatter-adds and outer products. transcendental: one per element
     of exp, log, erf, tanh, logistic, pow, sqrt and the like. other: leading-order counts of
     dense linear algebra (cholesky n^3/3, triangular solve n^2 m, LU 2n^3/3, QR, eigh/svd
     estimates). uncounted: names of floating-point primitives with no rule (counted as 0).
@@ -99,7 +100,7 @@ broadcast_in_dim reshape squeeze expand_dims transpose slice dynamic_slice dynam
 scatter concatenate pad rev convert_element_type copy copy_p iota device_put reduce_precision
 bitcast_convert_type sharding_constraint mesh_cast reshard pvary pbroadcast axis_index random_seed random_wrap
 random_unwrap random_bits random_split random_fold_in threefry2x32 stop_gradient sort split optimization_barrier
-empty full_like zeros_like tie_in name debug_callback stack
+empty empty2 full_like zeros_like tie_in name debug_callback stack
 """.split())
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
           "remat": "jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr", "custom_jvp_call": "call_jaxpr",
@@ -131,11 +132,10 @@ def _integer_pow_mults(y: int) -> int:
     return a.bit_length() - 1 + bin(a).count("1") - 1 + int(y < 0)
 
 
-def _dot_flops(eqn) -> int:
+def _dot_contracted(eqn) -> int:
+    """K of a dot_general: the product of its contracted dimensions (1 if none)."""
     (lhs_contract, _), _ = eqn.params["dimension_numbers"]
-    lhs = eqn.invars[0].aval
-    k = math.prod(lhs.shape[d] for d in lhs_contract)
-    return 2 * _size(eqn.outvars[0].aval) * int(k)
+    return int(math.prod(eqn.invars[0].aval.shape[d] for d in lhs_contract))
 
 
 def _conv_flops(eqn) -> int:
@@ -337,7 +337,10 @@ def _eqn_flops(eqn, known: dict) -> FlopCount:
         inner, _ = _open(params["jaxpr"])
         return _count(inner, {}) * params["mesh"].size
     elif name == "dot_general":
-        return FlopCount(matmul=_dot_flops(eqn))
+        k = _dot_contracted(eqn)
+        if k == 1:  # an outer (or elementwise) product: one multiply per output, as XLA rewrites it
+            return FlopCount(elementwise=_size(eqn.outvars[0].aval))
+        return FlopCount(matmul=2 * _size(eqn.outvars[0].aval) * k)
     elif name == "conv_general_dilated":
         return FlopCount(matmul=_conv_flops(eqn))
     elif name in _TRANSCENDENTAL:

@@ -99,6 +99,8 @@ def test_backward_pass_is_counted():
     x = ones(B, N)
     # d/dW of sum(x W): the forward product is dead; one matmul x^T 1
     assert F.jaxpr_flops(jax.grad(lambda W: jnp.sum(x @ W)), ones(N, M)).matmul == 2 * B * N * M
+    # an outer product (nothing contracted) is one multiply per output
+    assert F.jaxpr_flops(lambda a, b: jnp.outer(a, b), ones(N), ones(M)) == F.FlopCount(elementwise=N * M)
     # d/dW of |x W|^2 / 2 = x^T (x W): forward and backward matmul
     c = F.jaxpr_flops(jax.grad(lambda W: 0.5 * jnp.sum((x @ W) ** 2)), ones(N, M))
     assert c.matmul == 4 * B * N * M and c.transcendental == 0
@@ -152,7 +154,7 @@ def test_k2_simple_matmuls_are_mean_plus_w_t_c_w(layers):
         assert _matmul(spec, params, mean, cov, cj.PropagationConfig(k_max=2), unroll) == expected
 
 
-@pytest.mark.parametrize("k_max,kind", [(1, "simple"), (2, "simple"), (2, "augment")])
+@pytest.mark.parametrize("k_max,kind", [(1, "simple"), (2, "simple"), pytest.param(2, "augment", marks=pytest.mark.slow)])
 def test_scanned_program_does_a_fixed_extra_over_unrolled(k_max, kind):
     """Scanned and unrolled programs do the same work except the last hidden layer's degrees the
     output layer drops, which only the unrolled program can eliminate: a difference that does
@@ -167,6 +169,19 @@ def test_scanned_program_does_a_fixed_extra_over_unrolled(k_max, kind):
         diffs.append(scan.total - unrolled.total)
         assert F.estimator_flops(params, spec.activations, mean, cov, cfg) == float(scan.total)
     assert diffs[0] == 0 and diffs[1] == diffs[2] >= 0
+
+
+@pytest.mark.parametrize("k_max", [1, 2])
+def test_estimator_gradient_matmuls_match_xla(k_max):
+    """The backward pass through the estimator: the jaxpr's matmuls are exactly the dots of
+    XLA's optimized HLO for ``jax.grad`` of a loss on the estimate (outer products, K = 1, are
+    multiplies in both), and the gradient costs more than the estimate."""
+    spec, params, mean, cov = _net((6, 10, 10, 3), "relu")
+    cfg = cj.PropagationConfig(k_max=k_max)
+    loss = lambda p: jnp.sum(cj.estimate_mean(p, spec.activations, mean, cov, cfg) ** 2)  # noqa: E731
+    grad, fwd = F.jaxpr_flops(jax.grad(loss), params), F.jaxpr_flops(loss, params)
+    assert grad.matmul == F.compiled_cost(jax.grad(loss), params)["matmul"]
+    assert grad.matmul > fwd.matmul and grad.total > fwd.total and not grad.uncounted
 
 
 # Analytic / XLA on the unrolled program. The matmul parts agree exactly (the jaxpr's dot_generals
@@ -195,7 +210,7 @@ def _report(k_max, kind, width, factored=False):
         assert rep["analytic_unrolled_matmul"] == rep["xla_matmul"]
 
 
-@pytest.mark.parametrize("k_max,kind", [(1, "simple"), (2, "simple"), (2, "augment")])
+@pytest.mark.parametrize("k_max,kind", [(1, "simple"), (2, "simple"), pytest.param(2, "augment", marks=pytest.mark.slow)])
 def test_estimator_analytic_vs_xla(k_max, kind):
     _report(k_max, kind, 8)
 
