@@ -105,7 +105,7 @@ def test_audit_smoke_end_to_end_and_resume(tmp_path, monkeypatch):
     import audit
 
     cfg = os.path.join(ROOT, "configs", "audit_smoke.json")
-    first = audit.main(["--config", cfg, "--out", str(tmp_path)])
+    audit.main(["--config", cfg, "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "audit_smoke.json").read_text())
     for suffix in ("search", "sensitivity", "gradients"):
         assert (tmp_path / f"audit_smoke_{suffix}.png").stat().st_size > 0
@@ -119,5 +119,5 @@ def test_audit_smoke_end_to_end_and_resume(tmp_path, monkeypatch):
     for name in ("tail_importance_sampling", "tail_monte_carlo", "minimal_perturbation", "pathwise_gradient", "estimate_gradient"):
         monkeypatch.setattr(audit.rare, name, boom)
     again = audit.main(["--config", cfg, "--out", str(tmp_path)])
-    assert again["entries"]["search"] == first["entries"]["search"]
-    assert again["entries"]["gradient_check"] == first["entries"]["gradient_check"]
+    assert again["entries"]["search"] == saved["entries"]["search"]
+    assert again["entries"]["gradient_check"] == saved["entries"]["gradient_check"]
