@@ -30,6 +30,7 @@ _fresh = itertools.count(100)  # internal labels of networks (fresh per network 
 def contract(factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int], n: int, dtype) -> Array:
     """``einsum`` of ``(array, labels)`` factors onto the labels ``out`` (summing the others);
     output labels no factor carries are broadcast. Returns an ``(n,)*len(out)`` array."""
+    factors = [_take_diagonals(a, tuple(lab)) for a, lab in factors]
     letter: dict[int, str] = {}
     name = lambda l: letter.setdefault(l, _LETTERS[len(letter)])  # noqa: E731
     present = {l for _, labels in factors for l in labels}
@@ -42,6 +43,19 @@ def contract(factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int
         res = jnp.einsum(subs + "->" + "".join(name(l) for l in kept), *arrays, optimize="auto")
     res = jnp.reshape(res, [n if l in present else 1 for l in out])
     return jnp.broadcast_to(res, (n,) * len(out))
+
+
+def _take_diagonals(a: Array, labels: tuple[int, ...]) -> tuple[Array, tuple[int, ...]]:
+    """Resolve repeated labels of one operand by strided slicing of the flattened pair of axes
+    (much cheaper on CPU than einsum's generic repeated-index handling)."""
+    while len(set(labels)) < len(labels):
+        i = next(t for t in range(len(labels)) if labels[t] in labels[:t])
+        j = labels.index(labels[i])
+        n = a.shape[j]
+        a = jnp.moveaxis(a, (j, i), (0, 1))
+        a = jnp.reshape(a, (n * n,) + a.shape[2:])[:: n + 1]
+        labels = (labels[j],) + tuple(l for t, l in enumerate(labels) if t not in (i, j))
+    return a, labels
 
 
 @lru_cache(maxsize=None)
@@ -96,9 +110,11 @@ class FactoredTensor:
         """The cumulant of ``x @ W``: every leg contracted with W (O(n_in n_out R) per leg)."""
         parts = []
         for p, l in zip(self.parts, self.legs):
-            for _ in range(l):  # contract the leading leg; its new index goes just before the rank
-                p = jnp.moveaxis(jnp.tensordot(p, W, axes=([0], [0])), -1, l - 1)
-            parts.append(p)
+            if l == 1:
+                parts.append(W.T @ p)
+            else:  # (n, n, R): two matrix products over the flattened other axes
+                p = jnp.einsum("abr,ac->bcr", p, W)
+                parts.append(jnp.einsum("bcr,bd->cdr", p, W))
         return FactoredTensor(parts, self.legs, W.shape[1])
 
     def scale_legs(self, v: Array, coef=1.0) -> "FactoredTensor":

@@ -677,12 +677,37 @@ def _concrete(x) -> bool:
     return isinstance(x, (np.ndarray, jax.Array)) and not isinstance(x, jax.core.Tracer)
 
 
+# Rank added per hidden layer, in units of the width, by the factored top cumulant (measured; the
+# first hidden layer starts at 2n): leaf groups of the hypertree diagrams plus n for the
+# re-factored non-top slices. tests/test_factored.py checks these against the real ranks.
+_FACTORED_RANK_GROWTH = {(3, "simple"): 2, (4, "simple"): 2, (3, "augment"): 8, (4, "augment"): 10}
+
+
+def factored_ranks(width: int, num_layers: int, config: PropagationConfig) -> list[int]:
+    """Rank of the factored top cumulant after each hidden layer (an upper bound with avg_metric)."""
+    g = _FACTORED_RANK_GROWTH[(config.k_max, config.kind)]
+    return [width * (2 + g * l) for l in range(num_layers - 1)]
+
+
 def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, itemsize: int = 4) -> int:
-    """Rough peak memory of unfactored propagation: the dense order-k cores of every stored
-    layer plus the working slices of one nonlinear step."""
-    top = width ** config.k_max
-    working = 12 if config.kind == "augment" else 6
-    return int((2 * num_layers + working) * top * itemsize)
+    """Rough peak memory of propagation.
+
+    Unfactored: the dense order-k cores of every stored layer plus the working slices of one
+    nonlinear step. Factored (k_max 3/4): the factors of the two largest consecutive layers (input,
+    output and the linear step's copy) plus dense working arrays of order k-1; when every degree is
+    returned (``output_degree`` None or >= k) also every layer's stored factors.
+    """
+    n, k = width, config.k_max
+    if not (config.factored and k >= 3):
+        top = n**k
+        working = 12 if config.kind == "augment" else 6
+        return int((2 * num_layers + working) * top * itemsize)
+    ranks = factored_ranks(n, num_layers, config) or [0]
+    part = 3 * n if k == 3 else 2 * n * n  # floats per unit of rank
+    live = 2 * part * sum(ranks[-2:])
+    dense = (24 if config.kind == "augment" else 12) * n ** (k - 1)
+    stored = 2 * part * sum(ranks) if config.output_degree is None or config.output_degree >= k else 0
+    return int((live + dense + stored + num_layers * n * n) * itemsize)
 
 
 def available_bytes() -> int:
@@ -716,12 +741,17 @@ def _validate(layers, activations, mean, cov, config, weight_variances):
     itemsize = jnp.zeros((), mean.dtype).dtype.itemsize
     need = estimated_bytes(width, len(layers), config, itemsize)
     if need > 0.8 * available_bytes():
+        if config.factored and config.k_max >= 3:
+            raise MemoryError(
+                f"factored propagation at width {width}, k_max={config.k_max}, {len(layers)} layers needs about "
+                f"{need / 2**30:.1f} GiB (rank-R factors, R growing ~width per layer), more than this machine has "
+                f"free ({available_bytes() / 2**30:.1f} GiB); use a smaller width, depth or k_max, or output_degree=1"
+            )
         raise MemoryError(
             f"unfactored propagation at width {width}, k_max={config.k_max} needs about {need / 2**30:.1f} GiB "
             f"(dense order-{config.k_max} cumulants, O(width^{config.k_max})), more than this machine has free "
-            f"({available_bytes() / 2**30:.1f} GiB); use a smaller width or k_max. Removing that factor of width "
-            f"needs the low-rank factored k=3/4 variant; cumjax's factored=True currently evaluates the factored "
-            f"term set densely and needs the same memory"
+            f"({available_bytes() / 2**30:.1f} GiB); use a smaller width or k_max, or the low-rank factored k=3/4 "
+            f"variant (factored=True) that removes a factor of width"
         )
     if all(_concrete(x) for x in (mean, cov)):
         from .inputs import validate_gaussian_input

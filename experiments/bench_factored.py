@@ -1,0 +1,182 @@
+"""Cost of the low-rank factored k=3/4 estimator against the dense one.
+
+For every (width, k_max, term set, factored?) of the config, one jitted ``estimate_mean`` on a He
+ReLU network runs in its own subprocess, which reports compile time, best-of-``repeats`` run time
+and its peak resident memory (``ru_maxrss``, so one configuration's arrays never inflate another's).
+Unfactored configurations that ``estimated_bytes`` says would not fit are recorded as skipped.
+Log-log slopes of run time and peak memory against width are fitted per series (theory at fixed
+depth: run ~ width^(k+1) unfactored, ~ width^k factored since the rank grows ~ width).
+
+    python experiments/bench_factored.py --config configs/bench_factored_smoke.json --out results/
+
+Results go to ``<out>/bench_factored_<name>.json`` (atomically, after every configuration; a rerun
+skips what is there) and a figure ``<out>/bench_factored_<name>.png``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+
+def _worker(spec: dict) -> dict:
+    """Measure one configuration in this process (called in a fresh subprocess)."""
+    import resource
+    import time
+
+    import jax
+    import jax.numpy as jnp
+
+    import cumjax as cj
+    from cumjax.propagate import factored_ranks
+
+    if spec["dtype"] == "float64":
+        jax.config.update("jax_enable_x64", True)
+    dtype = jnp.dtype(spec["dtype"])
+    n, L = spec["width"], spec["layers"]
+    net = cj.MLPSpec(input_dim=n, width=n, output_dim=n, num_layers=L, activations=("relu",) * (L - 1))
+    params = jax.tree_util.tree_map(lambda x: x.astype(dtype), cj.init_params(jax.random.PRNGKey(spec["seed"]), net, cj.Init(kind="he")))
+    config = cj.PropagationConfig(k_max=spec["k"], kind=spec["kind"], factored=spec["factored"])
+    mean, cov = jnp.zeros(n, dtype), jnp.eye(n, dtype=dtype)
+    fn = jax.jit(lambda p: cj.estimate_mean(p, net.activations, mean, cov, config))
+    t0 = time.perf_counter()
+    compiled = fn.lower(params).compile()
+    compile_s = time.perf_counter() - t0
+    out = jax.block_until_ready(compiled(params))
+    runs = []
+    for _ in range(spec["repeats"]):
+        t0 = time.perf_counter()
+        jax.block_until_ready(compiled(params))
+        runs.append(time.perf_counter() - t0)
+    res = {
+        "compile_s": compile_s,
+        "run_s": min(runs),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        "output_finite": bool(jnp.all(jnp.isfinite(out))),
+    }
+    if spec["factored"]:
+        res["ranks"] = factored_ranks(n, L, config)
+    return res
+
+
+def _run_worker(spec: dict, timeout: float) -> dict:
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true"))
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _slope(x, y):
+    if len(x) < 2:
+        return None
+    return float(np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
+
+
+def _validate(cfg: dict) -> None:
+    need = {"widths", "orders", "kinds", "layers", "dtype", "repeats"}
+    missing = need - set(cfg)
+    if missing:
+        raise ValueError(f"config is missing {sorted(missing)}")
+    if not cfg["widths"] or any(not isinstance(w, int) or w < 2 for w in cfg["widths"]):
+        raise ValueError(f"widths must be integers >= 2, got {cfg['widths']}")
+    if any(k not in (3, 4) for k in cfg["orders"]):
+        raise ValueError(f"orders must be 3 or 4 (the factored variants), got {cfg['orders']}")
+    if any(kind not in ("simple", "augment") for kind in cfg["kinds"]):
+        raise ValueError(f"kinds must be simple/augment, got {cfg['kinds']}")
+    if cfg["dtype"] not in ("float32", "float64"):
+        raise ValueError(f"dtype must be float32 or float64, got {cfg['dtype']}")
+    if not isinstance(cfg["layers"], int) or cfg["layers"] < 2:
+        raise ValueError(f"layers must be an integer >= 2, got {cfg['layers']}")
+
+
+def main(argv=None) -> dict:
+    from tqdm import tqdm
+
+    from cumjax.propagate import PropagationConfig, available_bytes, estimated_bytes
+    from cumjax.results import ResultStore, load_config, save_figure_atomic, write_json_atomic
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args(argv)
+    cfg = load_config(args.config)
+    _validate(cfg)
+    itemsize = 4 if cfg["dtype"] == "float32" else 8
+    L = cfg["layers"]
+    store = ResultStore(os.path.join(args.out, f"bench_factored_{cfg['name']}.json"), meta=cfg)
+    units = [(n, k, kind, fac) for k in cfg["orders"] for kind in cfg["kinds"] for fac in (True, False) for n in cfg["widths"]]
+    for n, k, kind, fac in tqdm(units, desc="bench_factored"):
+        key = f"n{n}_k{k}_{kind}_{'fac' if fac else 'dense'}"
+        if key in store:
+            continue
+        config = PropagationConfig(k_max=k, kind=kind, factored=fac, output_degree=1)
+        est = estimated_bytes(n, L, config, itemsize)
+        if est > 0.8 * available_bytes():
+            store.put(key, {"skipped": f"estimated {est / 2**30:.1f} GiB > 80% of free memory"})
+            continue
+        spec = {"width": n, "layers": L, "k": k, "kind": kind, "factored": fac, "dtype": cfg["dtype"],
+                "repeats": cfg["repeats"], "seed": cfg.get("seed", 0)}
+        res = _run_worker(spec, cfg.get("timeout_s", 3600))
+        res["estimated_bytes"] = est
+        store.put(key, res)
+
+    series = {}
+    for k in cfg["orders"]:
+        for kind in cfg["kinds"]:
+            for fac in (True, False):
+                rows = [(n, store[f"n{n}_k{k}_{kind}_{'fac' if fac else 'dense'}"]) for n in cfg["widths"]]
+                rows = [(n, r) for n, r in rows if "run_s" in r]
+                name = f"k{k}_{kind}_{'fac' if fac else 'dense'}"
+                fit = [(n, r) for n, r in rows if n >= cfg.get("fit_min_width", 0)]
+                series[name] = {
+                    "widths": [n for n, _ in rows],
+                    "run_s": [r["run_s"] for _, r in rows],
+                    "compile_s": [r["compile_s"] for _, r in rows],
+                    "peak_rss_gib": [r["peak_rss_bytes"] / 2**30 for _, r in rows],
+                    "run_slope": _slope([n for n, _ in fit], [r["run_s"] for _, r in fit]),
+                    "rss_slope": _slope([n for n, _ in fit], [r["peak_rss_bytes"] for _, r in fit]),
+                    "theory_run_slope": k if fac else k + 1,
+                }
+    summary = {"config": cfg, "series": series, "entries": store.entries}
+    write_json_atomic(summary, os.path.join(args.out, f"bench_factored_{cfg['name']}_summary.json"))
+
+    print(f"{'series':<22}{'width':>6}{'compile s':>11}{'run s':>10}{'peak GiB':>10}")
+    for name, s in series.items():
+        for n, c, r, m in zip(s["widths"], s["compile_s"], s["run_s"], s["peak_rss_gib"]):
+            print(f"{name:<22}{n:>6}{c:>11.2f}{r:>10.4f}{m:>10.2f}")
+        if s["run_slope"] is not None:
+            print(f"{name:<22} slopes vs width: run {s['run_slope']:.2f} (theory {s['theory_run_slope']}), peak memory {s['rss_slope']:.2f}")
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name, s in series.items():
+        if s["widths"]:
+            style = "-" if name.endswith("fac") else "--"
+            axes[0].loglog(s["widths"], s["run_s"], style, marker="o", label=name)
+            axes[1].loglog(s["widths"], s["peak_rss_gib"], style, marker="o", label=name)
+    axes[0].set(xlabel="width", ylabel="run time (s)", title=f"estimate_mean, {L} linear layers, {cfg['dtype']}")
+    axes[1].set(xlabel="width", ylabel="peak RSS (GiB)", title="peak memory (own process)")
+    axes[0].legend(fontsize=7)
+    save_figure_atomic(fig, os.path.join(args.out, f"bench_factored_{cfg['name']}.png"), dpi=120)
+    plt.close(fig)
+    return summary
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        print(json.dumps(_worker(json.loads(sys.argv[2]))))
+    else:
+        main()
