@@ -46,7 +46,11 @@ def test_scan_and_counted_loops_multiply_by_trip_count():
     step = lambda c: jnp.tanh(c @ W)  # noqa: E731
     W, c0 = ones(N, N), ones(B, N)
     per = F.FlopCount(matmul=2 * B * N * N, transcendental=B * N)
-    assert F.jaxpr_flops(lambda c: lax.scan(lambda c, _: (step(c), None), c, None, length=6)[0], c0) == per * 6
+    scan = lambda c: lax.scan(lambda c, _: (step(c), None), c, None, length=6)[0]  # noqa: E731
+    assert F.jaxpr_flops(scan, c0) == per * 6
+    # XLA's convention counts a loop body once: so does loops_once, and then they agree on the matmul
+    assert F.count_jaxpr(jax.make_jaxpr(scan)(c0), loops_once=True) == per
+    assert F.compiled_cost(scan, c0)["matmul"] == per.matmul
     assert F.jaxpr_flops(lambda c: lax.fori_loop(0, 6, lambda i, c: step(c), c), c0) == per * 6
     # a while loop over a counter with constant bounds (step 2: trips 0, 2, 4, 6, 8 -> 5)
     loop = lambda c: lax.while_loop(lambda s: s[0] < 10, lambda s: (s[0] + 2, step(s[1])), (0, c))[1]  # noqa: E731
@@ -203,6 +207,7 @@ def _report(k_max, kind, width, factored=False):
     rep = F.estimator_flop_report(params, spec.activations, mean, cov, cfg)
     assert rep["analytic"] >= rep["analytic_unrolled"] > 0 and not rep["analytic_uncounted"]
     assert rep["ratio"] == pytest.approx(rep["analytic_unrolled"] / rep["xla"])
+    assert rep["ratio_loops_once"] <= rep["ratio"]
     assert 1 / XLA_FACTOR <= rep["ratio"] <= XLA_FACTOR
     if factored and k_max >= 3:
         assert 1 / FACTORED_DOT_FACTOR <= rep["matmul_ratio"] <= FACTORED_DOT_FACTOR
