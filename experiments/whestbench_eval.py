@@ -142,13 +142,14 @@ def score(estimator, data, i: int) -> dict:
 
 
 def estimators(cfg, variants):
-    """``[(name, factory, info)]``: cumjax variants (compiled and FLOP-counted by the caller) and baselines."""
+    """``[(name, factory, info)]``: WhestBench's baselines first (cheap), then the cumjax variants
+    (compiled and FLOP-counted by the caller) in config order."""
     out = []
-    for v in variants:
-        out.append((f"cumjax_{v.name}", lambda v=v: cw.make_estimator(v, cfg["dtype"]), {"config": dataclasses.asdict(v)}))
     base = cw.baselines() if cfg["baselines"] else {}
     for name in cfg["baselines"]:
         out.append((f"whest_{name}", lambda e=base[name]: e, {"flops_analytic": cw.baseline_flops(name, cfg["width"], cfg["depth"])}))
+    for v in variants:
+        out.append((f"cumjax_{v.name}", lambda v=v: cw.make_estimator(v, cfg["dtype"]), {"config": dataclasses.asdict(v)}))
     return out
 
 
