@@ -15,9 +15,10 @@ Three ways to evaluate it, all pure functions of the params pytree:
 * :func:`monte_carlo_loss`: L from a large independent Monte Carlo run split into groups, as a
   U-statistic over pairs of groups (unbiased) with a jackknife standard error; the referee.
 
-:func:`fit` runs an optax optimiser on any ``loss_fn(params, key)`` under ``lax.scan`` between
-checkpoints, records a learning curve, and saves its state atomically at every checkpoint so an
-interrupted run resumes and reproduces the uninterrupted curve exactly.
+:func:`fit` runs an optax optimiser on any ``loss_fn(params, key, data)`` (for example
+:func:`estimated_objective` or :func:`sampled_objective` with a :class:`MomentProblem`) under
+``lax.scan`` between checkpoints, records a learning curve, and saves its state atomically at every
+checkpoint so an interrupted run resumes and reproduces the uninterrupted curve exactly.
 """
 from __future__ import annotations
 
