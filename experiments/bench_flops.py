@@ -66,7 +66,9 @@ def main(argv=None) -> dict:
     act, layers = cfg.get("activation", "relu"), int(cfg["layers"])
     max_entries = float(cfg.get("max_dense_entries", 2**24))
     store = ResultStore(os.path.join(args.out, f"bench_flops_{cfg['name']}.json"), meta=cfg)
-    work = [(w, c) for w in cfg["widths"] for c in _configs(cfg) if w ** c.k_max <= max_entries]
+    # dense order-k_max cumulants (w^k entries) must fit; the factored path keeps order k_max - 1
+    work = [(w, c) for w in cfg["widths"] for c in _configs(cfg)
+            if w ** (c.k_max - (c.factored and c.k_max >= 3)) <= max_entries]
     for w, c in tqdm(work, desc="estimators"):
         def measure(w=w, c=c):
             spec, params, mean, cov = _net(w, layers, act)

@@ -194,9 +194,9 @@ def test_estimator_gradient_matmuls_match_xla(k_max):
 # erfc (~60 FLOPs, in the Gaussian expectations) and erf_inv (~37) into polynomials, counts
 # compares, selects and index arithmetic, and counts a loop body once (k_max = 4's row-blocked
 # lax.map); the analytic count takes each transcendental as 1. Measured analytic / XLA, 5 linear
-# layers, ReLU, float32: 0.36-0.83 at width 8 (k_max 1 lowest: its few matmuls sit beside the
-# Gaussian expectations), 0.69-1.2 at widths 64-256 (see the README table). Stated factor at the
-# small widths tested here: 4.
+# layers, ReLU, float32: 0.35-0.83 at width 8 (k_max 1 lowest: its few matmuls sit beside the
+# Gaussian expectations), 0.67-1.0 at widths 64-256 (see estimator_flop_report). Stated factor at
+# the small widths tested here: 4.
 XLA_FACTOR = 4.0
 FACTORED_DOT_FACTOR = 1.25
 
