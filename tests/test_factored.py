@@ -1,0 +1,180 @@
+"""The low-rank factored k=3/4 estimator: reference goldens through the factored path, the
+factored tensor's algebra, jit/vmap/grad, rank and memory model."""
+import glob
+import importlib
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from cumjax.factored import FactoredTensor, refactor
+from cumjax.propagate import PropagationConfig, estimate_mean, estimated_bytes, factored_ranks, propagate
+
+prop = importlib.import_module("cumjax.propagate")  # the package re-exports a function of that name
+
+GOLDENS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "goldens")
+
+
+def _factored_goldens():
+    out = []
+    for p in sorted(glob.glob(os.path.join(GOLDENS, "cases", "*.npz")) + glob.glob(os.path.join(GOLDENS, "kprop", "*.npz"))):
+        meta = json.loads(str(np.load(p)["meta"]))
+        if meta["factor"] and meta["k_max"] >= 3:
+            out.append(p)
+    return out
+
+
+FACTORED_GOLDENS = _factored_goldens()
+FAST = ("cases/p016",)  # k3 simple; the others take 20-150 s each (run with -m slow)
+
+
+def _id(p):
+    return os.path.basename(os.path.dirname(p)) + "/" + os.path.basename(p)[:-4]
+
+
+@pytest.mark.skipif(not FACTORED_GOLDENS, reason="../shared/goldens not present")
+@pytest.mark.parametrize(
+    "path", [pytest.param(p, marks=[] if any(s in p for s in FAST) else [pytest.mark.slow], id=_id(p)) for p in FACTORED_GOLDENS]
+)
+def test_factored_golden_through_low_rank_path(path):
+    z = np.load(path)
+    meta = json.loads(str(z["meta"]))
+    layers = [(jnp.asarray(z[f"W{l}"]), jnp.asarray(z[f"b{l}"])) for l in range(meta["num_layers"])]
+    k = meta["k_max"]
+    config = PropagationConfig(k_max=k, kind=meta["kind"].lower(), avg_metric=meta["use_avg_metric"], factored=True,
+                               output_degree=meta.get("output_d_max", 3))
+    out = jax.jit(lambda ls: propagate(ls, meta["nonlin"], jnp.asarray(z["Kin_1"]), jnp.asarray(z["Kin_2"]), config, meta["init_scale"]))(layers)
+    # The top degree is carried in low-rank form from the first hidden layer on.
+    for l in range(meta["num_layers"] - 1):
+        top = out[f"act{l}"][k]
+        assert isinstance(top, FactoredTensor) and top.rank == factored_ranks(meta["width"], meta["num_layers"], config)[l]
+    checked = 0
+    for key in z.files:
+        if "_K" in key and not key.startswith("Kin"):
+            label, d = key.split("_K")
+            golden = z[key]
+            err = np.abs(np.asarray(out[label][int(d)].dense()) - golden).max()
+            assert err <= 1e-9 * np.abs(golden).max() + 1e-12, f"{key}: max abs err {err:.3e}"
+            checked += 1
+    assert checked
+
+
+# ----------------------------------------------------------------------------- the tensor itself
+
+
+def _random_factored(k, n, R, key):
+    ks = jax.random.split(key, 3)
+    if k == 3:
+        return FactoredTensor([jax.random.normal(ks[i], (n, R)) for i in range(3)], (1, 1, 1), n)
+    parts = [jax.random.normal(ks[i], (n, n, R)) for i in range(2)]
+    return FactoredTensor([p + jnp.swapaxes(p, 0, 1) for p in parts], (2, 2), n)
+
+
+def _explicit(F):
+    """Sym(sum_r outer products) by brute force over all permutations of the d legs."""
+    import itertools
+    import math
+
+    if F.legs == (1, 1, 1):
+        t = np.einsum("ir,jr,kr->ijk", *map(np.asarray, F.parts))
+    else:
+        t = np.einsum("ijr,klr->ijkl", *map(np.asarray, F.parts))
+    d = t.ndim
+    return sum(np.transpose(t, p) for p in itertools.permutations(range(d))) / math.factorial(d)
+
+
+@pytest.mark.parametrize("k", [3, pytest.param(4, marks=pytest.mark.slow)])
+def test_factored_slices_linear_step_and_refactor(k):
+    n, R = 5, 3
+    F = _random_factored(k, n, R, jax.random.PRNGKey(k))
+    dense = _explicit(F)
+    np.testing.assert_allclose(F.dense(), dense, rtol=1e-12, atol=1e-12)
+    # Slices at distinct neurons, e.g. (2,1) -> T[i,i,j].
+    s = np.asarray(F.slice((2,) + (1,) * (k - 2)))
+    i, j, l = 0, 3, 1
+    assert s[(i, j, l)[: k - 1]] == pytest.approx(dense[(i, i, j, l)[:k]], rel=1e-12)
+    W = jax.random.normal(jax.random.PRNGKey(9), (n, 4))
+    sub = "abcd"[:k]
+    new = np.einsum(f"{sub}," + ",".join(f"{c}{c.upper()}" for c in sub) + "->" + sub.upper(), dense, *[np.asarray(W)] * k)
+    np.testing.assert_allclose(F.linear(W).dense(), new, rtol=1e-11, atol=1e-11)
+    # Re-factoring non-top slices reproduces them and is zero where all indices differ.
+    zero = lambda x: np.asarray(prop._zero_coincident(jnp.asarray(x)))  # noqa: E731
+    pats = [p for p in prop.dg.int_partitions(k) if p != (1,) * k]
+    slices = {p: jnp.asarray(zero(np.asarray(F.slice(p)))) for p in pats}
+    G = refactor(slices, k, n, jnp.float64)
+    np.testing.assert_allclose(G.slice((1,) * k) * (np.asarray(prop._zero_coincident(jnp.ones((n,) * k)))), 0.0, atol=1e-12)
+    for p in pats:
+        np.testing.assert_allclose(zero(G.slice(p)), slices[p], rtol=1e-11, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- transformations
+
+
+def _random_net(key, n, L):
+    keys = jax.random.split(key, 2 * L)
+    return [(jax.random.normal(keys[2 * l], (n, n)) * jnp.sqrt((1.0 if l == 0 else 2.0) / n), 0.1 * jax.random.normal(keys[2 * l + 1], (n,)))
+            for l in range(L)]
+
+
+@pytest.mark.slow  # 30-120 s of compilation each
+@pytest.mark.parametrize("k,kind", [(3, "simple"), (4, "simple"), (3, "augment"), (4, "augment")])
+def test_factored_gradient_matches_finite_differences(k, kind):
+    n, L = 3, 3
+    layers = _random_net(jax.random.PRNGKey(k), n, L)
+    acts = ["relu", "tanh"]
+    mu, cov = jnp.full(n, 0.3), jnp.eye(n)
+    cfg = PropagationConfig(k_max=k, kind=kind, factored=True)
+    f = jax.jit(lambda ls: jnp.sum(jnp.sin(estimate_mean(ls, acts, mu, cov, cfg))))
+    grads = jax.jit(jax.grad(f))(layers)
+    rng = np.random.default_rng(k)
+    for _ in range(3):
+        direction = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape)), layers)
+        eps = 1e-5
+        plus = jax.tree_util.tree_map(lambda x, d: x + eps * d, layers, direction)
+        minus = jax.tree_util.tree_map(lambda x, d: x - eps * d, layers, direction)
+        fd = (f(plus) - f(minus)) / (2 * eps)
+        an = sum(jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction)))
+        assert float(an) == pytest.approx(float(fd), rel=1e-6, abs=1e-9)
+
+
+def test_factored_vmap_over_networks_matches_loop_and_unfactored():
+    n, L = 4, 3
+    nets = [_random_net(jax.random.PRNGKey(s), n, L) for s in range(2)]
+    batched = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *nets)
+    acts = ["relu"] * (L - 1)
+    mu, cov = jnp.zeros(n), jnp.eye(n)
+    fac, dense = PropagationConfig(k_max=3, factored=True), PropagationConfig(k_max=3)
+    got = jax.jit(jax.vmap(lambda ls: estimate_mean(ls, acts, mu, cov, fac)))(batched)
+    ref = jax.jit(lambda ls: estimate_mean(ls, acts, mu, cov, dense))
+    for i, net in enumerate(nets):
+        # Simple factored and unfactored are the same estimator.
+        np.testing.assert_allclose(got[i], ref(net), rtol=1e-11, atol=1e-13)
+
+
+# ----------------------------------------------------------------------------- rank and memory model
+
+
+@pytest.mark.parametrize("k,kind", [(3, "simple"), (4, "simple"), pytest.param(3, "augment", marks=pytest.mark.slow),
+                                    pytest.param(4, "augment", marks=pytest.mark.slow)])
+def test_rank_model_matches_the_real_ranks(k, kind):
+    n, L = 3, 5
+    layers = _random_net(jax.random.PRNGKey(0), n, L)
+    cfg = PropagationConfig(k_max=k, kind=kind, factored=True)
+    out = jax.eval_shape(lambda ls: propagate(ls, ["relu"] * (L - 1), jnp.zeros(n), jnp.eye(n), cfg), layers)
+    assert [out[f"act{l}"][k].rank for l in range(L - 1)] == factored_ranks(n, L, cfg)
+
+
+@pytest.mark.parametrize("kind", ["simple", "augment"])
+def test_memory_model_admits_width_256_k4_factored_and_refuses_larger(kind, monkeypatch):
+    monkeypatch.setattr(prop, "available_bytes", lambda: 20 * 2**30)  # this machine: ~20 GiB free
+    n = 256
+    cfg = PropagationConfig(k_max=4, kind=kind, factored=True, output_degree=1)
+    assert estimated_bytes(n, 5, cfg, 4) < 0.8 * 20 * 2**30
+    assert estimated_bytes(n, 5, PropagationConfig(k_max=4, kind=kind), 4) > 20 * 2**30  # dense: refused
+    # Abstract shapes only: the guard refuses before any work.
+    layers = [(jax.ShapeDtypeStruct((1024, 1024), jnp.float32), None)] * 5
+    with pytest.raises(MemoryError, match="factored propagation"):
+        estimate_mean(layers, ["relu"] * 4, jnp.zeros(1024, jnp.float32), jnp.eye(1024, dtype=jnp.float32), cfg)
