@@ -168,9 +168,10 @@ def _inputs(e, mean, factor):
     return mean + (e if factor is None else jnp.matmul(e, factor.T, precision=HIGHEST))
 
 
-@functools.partial(jax.jit, static_argnames=("spec", "num_samples", "chunk"))
-def _tail_sums(key, params, mean, factor, thresholds, *, spec, num_samples, chunk):
-    """Counts of ``z > t`` over ``num_samples`` inputs, ``(T, n)`` for thresholds ``(T, n)``."""
+@functools.partial(jax.jit, static_argnames=("spec", "num_chunks", "chunk"))
+def _tail_sums(key, params, mean, factor, thresholds, num_samples, *, spec, num_chunks, chunk):
+    """Counts of ``z > t`` over ``num_samples`` inputs, ``(T, n)`` for thresholds ``(T, n)``; the
+    sample count is traced (one compile for every count up to ``num_chunks * chunk``)."""
     acc, d = _acc(), mean.shape[0]
 
     def body(total, c):
@@ -180,7 +181,7 @@ def _tail_sums(key, params, mean, factor, thresholds, *, spec, num_samples, chun
         hit = (z[:, None, :] > thresholds[None]) & valid[:, None, None]
         return total + jnp.sum(hit, axis=0, dtype=acc), None
 
-    total, _ = jax.lax.scan(body, jnp.zeros(thresholds.shape, acc), jnp.arange(-(-num_samples // chunk)))
+    total, _ = jax.lax.scan(body, jnp.zeros(thresholds.shape, acc), jnp.arange(num_chunks))
     return total
 
 
@@ -210,11 +211,13 @@ def tail_monte_carlo(key, params, spec: MLPSpec, mean, cov, layer: int, threshol
     """Plain Monte Carlo of ``P(z_i > t)`` for ``z = pre{layer}``: every threshold row ``(T, n)``
     (or ``(T,)``, the same for all neurons) and neuron from the same ``num_samples`` inputs.
     Returns ``(T, n)`` frequencies and standard errors ``sqrt(p (1 - p) / (N - 1))``."""
-    num_samples, chunk = _check_samples(num_samples, chunk_size)
+    num_samples, _ = _check_samples(num_samples, chunk_size)
+    chunk = default_chunk_size() if chunk_size is None else int(chunk_size)  # fixed: small counts share a compile
     trunc, tp, mean, factor = _prepare_sampling(params, spec, layer, mean, cov, dtype)
     t = jnp.asarray(thresholds, dtype)
     t = jnp.broadcast_to(t.reshape(t.shape[0], -1), (t.shape[0], trunc.output_dim))
-    count = _tail_sums(key, tp, mean, factor, t, spec=trunc, num_samples=num_samples, chunk=chunk)
+    count = _tail_sums(key, tp, mean, factor, t, jnp.asarray(num_samples, jnp.int64 if jax.config.jax_enable_x64 else jnp.int32),
+                       spec=trunc, num_chunks=-(-num_samples // chunk), chunk=chunk)
     m, se = _moments(count, count, num_samples)
     return TailEstimate(np.asarray(m), np.asarray(se), num_samples)
 

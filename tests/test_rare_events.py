@@ -51,7 +51,10 @@ def test_thresholded_spec_rejects_bad_layers():
         rare.thresholded_spec(odd, 2)
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(GOLDENS, "*_lpe_*.npz"))))
+LPE = sorted(glob.glob(os.path.join(GOLDENS, "*_lpe_*.npz")))
+
+
+@pytest.mark.parametrize("path", [p if "_k1_" in p else pytest.param(p, marks=pytest.mark.slow) for p in LPE])
 def test_tail_probabilities_match_heaviside_goldens(path):
     """The goldens' rare-event network is relu, relu, heaviside with bias -2 on pre2: built from
     its ReLU part by threshold_params(t = 2), its act2 mean is our tail estimate."""
@@ -69,7 +72,7 @@ def test_lpe_goldens_present():
     assert len(glob.glob(os.path.join(GOLDENS, "*_lpe_*.npz"))) >= 3
 
 
-@pytest.mark.parametrize("k_max", [1, 2])
+@pytest.mark.parametrize("k_max", [1, pytest.param(2, marks=pytest.mark.slow)])
 def test_first_layer_tail_is_exact(k_max):
     """z = pre0 is exactly Gaussian, N(mu W + b, w_i . w_i): every order gives the normal tail."""
     spec, params = _net(6, 2, seed=3, bias=True)
@@ -82,7 +85,7 @@ def test_first_layer_tail_is_exact(k_max):
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-15)
 
 
-@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("bias", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_importance_sampling_agrees_with_plain_monte_carlo(bias):
     """Both estimators are unbiased: at thresholds plain sampling resolves (p ~ 1e-2..1e-3) their
     difference is within 4 combined standard errors. Without biases the IS path integrates the
@@ -115,6 +118,7 @@ def test_radial_tail_closed_form():
         assert got == pytest.approx(want, rel=1e-10, abs=1e-300), (g, t)
 
 
+@pytest.mark.slow
 def test_estimate_agrees_with_monte_carlo_at_moderate_probability():
     """k2 augment vs 2^18 samples at p ~ 0.02-0.2 over the 64 neurons of a width-64 net.
 
