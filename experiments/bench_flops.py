@@ -19,6 +19,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -102,15 +103,19 @@ def _plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for name in sorted({r["estimator"] for r in rows}):
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    names = sorted({r["estimator"] for r in rows})
+    colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(names), 2)))
+    for name, color in zip(names, colors):
         pts = sorted((r["width"], r["ratio"]) for r in rows if r["estimator"] == name)
-        ax.plot(*zip(*pts), marker="o", label=name)
+        ax.plot(*zip(*pts), marker="s" if "fac" in name else "o", ls="--" if "fac" in name else "-", color=color, label=name)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
     ax.axhline(1.0, color="k", lw=0.5)
     ax.set_xlabel("width")
     ax.set_ylabel("analytic / XLA FLOPs")
-    ax.legend(fontsize=7)
+    ax.set_title("unfactored k_max=4: XLA counts the lax.map body once", fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     save_figure_atomic(fig, path)
     plt.close(fig)
