@@ -51,10 +51,11 @@ class FlopCount:
     """FLOPs of a program by kind (exact integers from shapes).
 
     matmul: ``dot_general`` (and convolutions) at 2 per multiply-add. elementwise: floating
-    arithmetic, comparisons, selects, reductions, scatter-adds and outer products. transcendental: one per element
-    of exp, log, erf, tanh, logistic, pow, sqrt and the like. other: leading-order counts of
-    dense linear algebra (cholesky n^3/3, triangular solve n^2 m, LU 2n^3/3, QR, eigh/svd
-    estimates). uncounted: names of floating-point primitives with no rule (counted as 0).
+    arithmetic, comparisons, selects, reductions, scatter-adds and outer products.
+    transcendental: one per element of exp, log, erf, tanh, logistic, pow, sqrt and the like.
+    other: leading-order counts of dense linear algebra (cholesky n^3/3, triangular solve n^2 m,
+    LU 2n^3/3, QR, eigh/svd estimates). uncounted: names of floating-point primitives with no
+    rule (sort, collectives, ...; counted as 0).
     """
 
     matmul: int = 0
@@ -101,12 +102,12 @@ _FREE = frozenset("""
 broadcast_in_dim reshape squeeze expand_dims transpose slice dynamic_slice dynamic_update_slice gather
 scatter concatenate pad rev convert_element_type copy copy_p iota device_put reduce_precision
 bitcast_convert_type sharding_constraint mesh_cast reshard pvary pbroadcast axis_index random_seed random_wrap
-random_unwrap random_bits random_split random_fold_in threefry2x32 stop_gradient sort split optimization_barrier
+random_unwrap random_bits random_split random_fold_in threefry2x32 stop_gradient split optimization_barrier
 empty empty2 full_like zeros_like tie_in name debug_callback stack
 """.split())
 _CALLS = {"jit": "jaxpr", "pjit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr",
           "remat": "jaxpr", "remat2": "jaxpr", "checkpoint": "jaxpr", "custom_jvp_call": "call_jaxpr",
-          "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr", "custom_lin": None}
+          "custom_vjp_call": "call_jaxpr", "custom_vjp_call_jaxpr": "fun_jaxpr"}
 _FOLDABLE = frozenset("add sub mul max min neg convert_element_type div floor_divide clamp".split())
 
 
@@ -312,8 +313,7 @@ def _count(jaxpr: Jaxpr, known: dict, loop_consts: int | None = None, trips: int
 def _eqn_flops(eqn, known: dict) -> FlopCount:
     name, params = eqn.primitive.name, eqn.params
     if name in _CALLS:
-        key = _CALLS[name] or next(iter(jax.extend.core.jaxprs_in_params(params)), None)
-        inner, _ = _open(params[key] if isinstance(key, str) else key)
+        inner, _ = _open(params.get(_CALLS[name]) or next(iter(jax.extend.core.jaxprs_in_params(params))))
         sub_known = {iv: known[v] for iv, v in zip(inner.invars, eqn.invars) if not isinstance(v, Literal) and v in known}
         sub_known.update({iv: np.asarray(v.val) for iv, v in zip(inner.invars, eqn.invars) if isinstance(v, Literal)})
         return _count(inner, sub_known)
