@@ -56,12 +56,14 @@ def _config(e) -> cj.PropagationConfig:
     return cj.PropagationConfig(k_max=e["k_max"], kind=e["kind"], factored=e.get("factored", False))
 
 
-def _imshow_grid(axes, mats, title):
+def _imshow_grid(axes, mats, title, column):
     for l, (ax, m) in enumerate(zip(axes, mats)):
         m = np.asarray(m)
+        last = l == len(mats) - 1  # only the output's own column of the last kernel can matter
+        m = m[:, [column]] if last else m
         lim = float(np.abs(m).max()) or 1.0
         im = ax.imshow(m, cmap="RdBu_r", vmin=-lim, vmax=lim, aspect="auto")
-        ax.set_title(f"{title}: W{l}", fontsize=8)
+        ax.set_title(f"{title}: W{l}" + (f"[:, {column}]" if last else ""), fontsize=8)
         ax.set_xlabel("out", fontsize=7)
         ax.set_ylabel("in", fontsize=7)
         ax.figure.colorbar(im, ax=ax, fraction=0.046)
@@ -160,8 +162,8 @@ def main(argv=None) -> dict:
         g_mean = rare.estimate_gradient(params, spec.activations, mean, cov, grad_conf, onehot)
         g_tail = jax.grad(tail)(kernels)
         fig, axes = plt.subplots(2, layer + 1, figsize=(3.4 * (layer + 1), 6.2))
-        _imshow_grid(axes[0], [W for W, _ in cj.layer_weights(g_mean)], f"dE[z_{j}]/dW")
-        _imshow_grid(axes[1], g_tail, f"dP(z_{j}>t)/dW")
+        _imshow_grid(axes[0], [W for W, _ in cj.layer_weights(g_mean)], f"dE[z_{j}]/dW", j)
+        _imshow_grid(axes[1], g_tail, f"dP(z_{j}>t)/dW", j)
         fig.suptitle(f"sensitivity maps through the estimator ({grad_conf.name} / {conf.name})", fontsize=10)
         fig.tight_layout()
         save_figure_atomic(fig, os.path.join(args.out, f"{name}_sensitivity.png"), dpi=100)
