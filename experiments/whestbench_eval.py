@@ -221,7 +221,7 @@ def summarize(cfg, data, store: ResultStore) -> dict:
         )
         rows[name] = row
     return dict(rows=rows, noise_final=float(final_floor.mean()), noise_all=float(layer_floor.mean()),
-                avg_variance=avg_var, mc_flops_per_sample=mc_flops)
+                noise_per_layer=layer_floor.mean(0).tolist(), avg_variance=avg_var, mc_flops_per_sample=mc_flops)
 
 
 def print_table(summary: dict) -> None:
@@ -237,6 +237,10 @@ def print_table(summary: dict) -> None:
               f"{'-' if r['flops_xla'] is None else format(r['flops_xla'], '.3g'):>10}{r['whest_flops']:>12.3g}"
               f"{r['wall_s']:>9.3f}{ratio:>16}")
     print(f"ground-truth noise (variance / samples): final layer {summary['noise_final']:.2e}, all layers {summary['noise_all']:.2e}")
+    first = [r["per_layer_mse"][0] for r in summary["rows"].values() if "skipped" not in r]
+    if first:  # every estimator is exact on layer 1 (a Gaussian pre-activation): its MSE there is the noise
+        print(f"layer 1, where every estimator is exact: MSE {min(first):.3g}..{max(first):.3g} vs predicted noise "
+              f"{summary['noise_per_layer'][0]:.3g}")
 
 
 def plot(summary: dict, cfg: dict, path: str) -> None:
@@ -264,6 +268,7 @@ def plot(summary: dict, cfg: dict, path: str) -> None:
     ax[1].legend(fontsize=7)
     for k in names:
         ax[2].plot(np.arange(1, cfg["depth"] + 1), rows[k]["per_layer_mse"], marker="o", label=k)
+    ax[2].plot(np.arange(1, cfg["depth"] + 1), summary["noise_per_layer"], "k:", label="ground-truth noise")
     ax[2].set(yscale="log", xlabel="layer", ylabel="MSE", title="MSE per layer")
     ax[2].legend(fontsize=7)
     fig.tight_layout()
