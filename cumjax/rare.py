@@ -547,6 +547,12 @@ def hotelling_test(estimate, sampled_mean, mean_cov, num_samples: int) -> dict:
 
 def estimate_gradient(params, activations, mean, cov, config: PropagationConfig, output_weights,
                       weight_variances=None):
-    """``d (output_weights . estimate_mean) / d params`` through the cumulant estimator (a pytree)."""
-    c = jnp.asarray(output_weights)
+    """``d (output_weights . estimate_mean) / d params`` through the cumulant estimator (a pytree, jitted)."""
+    wv = None if weight_variances is None else tuple(float(v) for v in weight_variances)
+    return _estimate_gradient(params, mean, cov, jnp.asarray(output_weights), activations=tuple(activations), config=config,
+                              weight_variances=wv)
+
+
+@functools.partial(jax.jit, static_argnames=("activations", "config", "weight_variances"))
+def _estimate_gradient(params, mean, cov, c, *, activations, config, weight_variances):
     return jax.grad(lambda p: estimate_mean(p, activations, mean, cov, config, weight_variances) @ c)(params)

@@ -101,9 +101,10 @@ def main(argv=None) -> dict:
     t = mom["mean"] + cfg["sigma"] * mom["sd"]
     conf = _config(cfg["search_estimator"])
 
-    def tail(kern, config=conf):
+    @jax.jit
+    def tail(kern):
         p = rare.replace_kernels(params, kern)
-        return rare.tail_probabilities(p, spec.activations, mean, cov, layer, jnp.asarray([t]), config, neurons=[j])[0, 0]
+        return rare.tail_probabilities(p, spec.activations, mean, cov, layer, jnp.asarray([t]), conf, neurons=[j])[0, 0]
 
     def sampled(kern, key):
         p = rare.replace_kernels(params, kern)
@@ -160,7 +161,7 @@ def main(argv=None) -> dict:
         grad_conf = _config(cfg["gradient_estimators"][-1])
         onehot = jnp.zeros(n).at[j].set(1.0)
         g_mean = rare.estimate_gradient(params, spec.activations, mean, cov, grad_conf, onehot)
-        g_tail = jax.grad(tail)(kernels)
+        g_tail = jax.jit(jax.grad(tail))(kernels)
         fig, axes = plt.subplots(2, layer + 1, figsize=(3.4 * (layer + 1), 6.2))
         _imshow_grid(axes[0], [W for W, _ in cj.layer_weights(g_mean)], f"dE[z_{j}]/dW", j)
         _imshow_grid(axes[1], g_tail, f"dP(z_{j}>t)/dW", j)
