@@ -68,8 +68,11 @@ def _worker(spec: dict) -> dict:
 
 def _run_worker(spec: dict, timeout: float) -> dict:
     env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true"))
-    proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, env=env)
+    try:
+        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -117,6 +120,10 @@ def main(argv=None) -> dict:
     for n, k, kind, fac in tqdm(units, desc="bench_factored"):
         key = f"n{n}_k{k}_{kind}_{'fac' if fac else 'dense'}"
         if key in store:
+            continue
+        cap = cfg.get("max_width", {}).get(f"k{k}_{kind}_{'fac' if fac else 'dense'}")
+        if cap is not None and n > cap:
+            store.put(key, {"skipped": f"above this series' max_width {cap} (run time)"})
             continue
         config = PropagationConfig(k_max=k, kind=kind, factored=fac, output_degree=1)
         est = estimated_bytes(n, L, config, itemsize)

@@ -178,3 +178,39 @@ def test_memory_model_admits_width_256_k4_factored_and_refuses_larger(kind, monk
     layers = [(jax.ShapeDtypeStruct((1024, 1024), jnp.float32), None)] * 5
     with pytest.raises(MemoryError, match="factored propagation"):
         estimate_mean(layers, ["relu"] * 4, jnp.zeros(1024, jnp.float32), jnp.eye(1024, dtype=jnp.float32), cfg)
+
+
+# ----------------------------------------------------------------------------- benchmark script
+
+
+@pytest.mark.slow  # ~4 subprocesses of jax start-up and compilation (~50 s on 2 cores)
+def test_bench_factored_smoke_runs_and_resumes(tmp_path, monkeypatch):
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import bench_factored
+
+    config = os.path.join(root, "configs", "bench_factored_smoke.json")
+    res = bench_factored.main(["--config", config, "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench_factored_smoke.json").read_text())
+    assert len(saved["entries"]) == 4 and all("run_s" in e and e["output_finite"] for e in saved["entries"].values())
+    assert (tmp_path / "bench_factored_smoke.png").exists()
+    assert res["series"]["k3_simple_fac"]["widths"] == [4, 6]
+    # A rerun finds every configuration on disk and measures nothing.
+    monkeypatch.setattr(bench_factored, "_run_worker", lambda *a: pytest.fail("recomputed a stored configuration"))
+    again = bench_factored.main(["--config", config, "--out", str(tmp_path)])
+    assert again["entries"] == res["entries"]
+
+
+def test_bench_factored_rejects_bad_config(tmp_path):
+    import sys
+
+    root = os.path.join(os.path.dirname(__file__), "..")
+    sys.path.insert(0, os.path.join(root, "experiments"))
+    import bench_factored
+
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"widths": [8], "orders": [2], "kinds": ["simple"], "layers": 3, "dtype": "float32", "repeats": 1}))
+    with pytest.raises(ValueError, match="orders"):
+        bench_factored.main(["--config", str(bad), "--out", str(tmp_path)])
