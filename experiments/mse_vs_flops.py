@@ -152,9 +152,16 @@ def estimates_store(path: str, cfg: dict) -> ResultStore:
     return ResultStore(path, meta={k: cfg[k] for k in EST_KEYS if k in cfg})
 
 
-def evaluate(store: ResultStore, key: str, cfg, spec, params, truth, config, redo=None, estimates=None) -> dict | None:
+def evaluate(store: ResultStore, key: str, cfg, spec, params, truth, config, redo=None, estimates=None,
+             exclude=None) -> dict | None:
     """Score one variant against the truth, through the stores (skipped/failed entries are
-    retried); with ``truth`` None only compute and store the estimates (returns None)."""
+    retried); with ``truth`` None only compute and store the estimates (returns None).
+    exclude: regex of keys not to run (recorded as skipped, e.g. variants too large for this machine)."""
+    if exclude and re.search(exclude, key):
+        r = dict(estimator=config.name, status="skipped", reason=f"excluded on the command line (--exclude {exclude!r})")
+        if truth is not None:
+            store.put(key, r)
+        return r if truth is not None else None
     old = store.entries.get(key)
     redo = bool(redo and re.search(redo, key))
     if truth is not None and old is not None and old.get("status") == "ok" and not redo:
@@ -237,6 +244,7 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="results")
     p.add_argument("--activations", default=None, help="comma-separated subset of the config's activations")
     p.add_argument("--redo", default=None, help="regex: recompute the variants whose key matches")
+    p.add_argument("--exclude", default=None, help="regex: variants not to run (recorded as skipped)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--estimates-only", action="store_true", help="compute and store the estimates, no ground truth")
     p.add_argument("--truth-blocks", type=int, default=None,
@@ -262,8 +270,8 @@ def main(argv=None) -> dict:
         params = networks(cfg, spec)
         if args.estimates_only:
             for config in variants(cfg):
-                evaluate(store, f"{act}/{config.name}", cfg, spec, params, None, config, args.redo, est)
-                print(f"  {act} {config.name}: {est[f'{act}/{config.name}']['status']}", flush=True)
+                evaluate(store, f"{act}/{config.name}", cfg, spec, params, None, config, args.redo, est, args.exclude)
+                print(f"  {act} {config.name}: {est.entries.get(f'{act}/{config.name}', {}).get('status', 'excluded')}", flush=True)
             continue
         truth = truth_for(cfg, spec, params, cache, progress=not args.no_progress, max_blocks=args.truth_blocks)
         if truth is None:
@@ -284,7 +292,7 @@ def main(argv=None) -> dict:
               f"output variance {t['output_variance']:.4f}, forward FLOPs {cj.forward_flops(spec):.3e}")
         rows = []
         for config in variants(cfg):
-            rows.append(evaluate(store, f"{act}/{config.name}", cfg, spec, params, truth, config, args.redo, est))
+            rows.append(evaluate(store, f"{act}/{config.name}", cfg, spec, params, truth, config, args.redo, est, args.exclude))
             print("  " + fmt_row(rows[-1]), flush=True)
         summary[act] = dict(width=cfg["width"], layers=cfg["layers"], networks=cfg["networks"], gt_samples=n,
                             noise_floor=t["noise_floor"], output_variance=t["output_variance"],
@@ -299,7 +307,7 @@ def main(argv=None) -> dict:
             print(f"{act}: " + fmt_row(r))
     if summary:
         plot(summary, os.path.join(args.out, f"{name}.png"))
-    print(f"\nwrote {store.path} and {name}.png")
+        print(f"\nwrote {store.path} and {name}.png")
     return store.data
 
 

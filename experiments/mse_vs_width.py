@@ -118,6 +118,7 @@ def main(argv=None) -> dict:
     p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "mse_vs_width_smoke.json"))
     p.add_argument("--out", default="results")
     p.add_argument("--redo", default=None, help="regex: recompute the variants whose key matches")
+    p.add_argument("--exclude", default=None, help="regex: variants not to run (recorded as skipped)")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
@@ -144,7 +145,7 @@ def main(argv=None) -> dict:
         rows_by_width[w] = {}
         print(f"\nwidth {w}: ground truth {truth[2]:.3g} samples, noise floor {truths[w]['noise_floor']:.3e}")
         for config in mvf.variants(cfg):
-            r = mvf.evaluate(store, f"n{w}/{config.name}", cfg, spec, params, truth, config, args.redo, est)
+            r = mvf.evaluate(store, f"n{w}/{config.name}", cfg, spec, params, truth, config, args.redo, est, args.exclude)
             rows_by_width[w][config.name] = r
             print("  " + mvf.fmt_row(r), flush=True)
     summary = summarize(cfg, rows_by_width, truths)

@@ -65,19 +65,24 @@ def test_mse_vs_flops_smoke_and_resume(tmp_path, monkeypatch):
         again = mvf.main(args)
     assert again["entries"] == data["entries"]
 
-    # an interrupted run (one variant missing) computes exactly the missing one
-    missing = f"relu/{mvf.variants(cfg)[-1].name}"
-    del saved["entries"][missing]
+    # an interrupted run (one variant missing from both stores) computes exactly the missing one;
+    # a variant whose estimates are stored is only rescored
+    missing, rescored = (f"relu/{c.name}" for c in mvf.variants(cfg)[-2:])
+    est_path = tmp_path / "mse_vs_flops_smoke_estimates.json"
+    est = json.loads(est_path.read_text())
+    del saved["entries"][missing], saved["entries"][rescored], est["entries"][missing]
     (tmp_path / "mse_vs_flops_smoke.json").write_text(json.dumps(saved))
+    est_path.write_text(json.dumps(est))
     calls = []
     real = mvf.run_variant
     monkeypatch.setattr(mvf, "run_variant", lambda *a: calls.append(a[-1].name) or real(*a))
     resumed = mvf.main(args)
     assert calls == [missing.split("/")[1]]
-    assert resumed["entries"][missing]["mse"] == pytest.approx(data["entries"][missing]["mse"], rel=1e-9)
+    for key in (missing, rescored):
+        assert resumed["entries"][key]["mse"] == pytest.approx(data["entries"][key]["mse"], rel=1e-9)
 
 
-def test_refused_variant_is_skipped_with_reason(monkeypatch):
+def test_refused_variant_is_skipped_with_reason(monkeypatch, tmp_path):
     # the memory guard in propagate raises MemoryError: recorded as skipped, not a crash
     monkeypatch.setattr(sys.modules["cumjax.propagate"], "available_bytes", lambda: 1)
     cfg = dict(estimator_dtype="float64")
@@ -86,6 +91,13 @@ def test_refused_variant_is_skipped_with_reason(monkeypatch):
     r = mvf.run_variant(cfg, spec, params, cj.PropagationConfig(k_max=2, output_degree=1))
     assert r["status"] == "skipped" and "MemoryError" in r["reason"]
     assert "skipped" in mvf.fmt_row(dict(estimator="k2_simple", **r))
+    # a variant excluded on the command line is recorded as skipped without running
+    monkeypatch.setattr(mvf, "run_variant", None)
+    store = mvf.ResultStore(str(tmp_path / "s.json"))
+    truth = (np.zeros((2, 4)), np.ones((2, 4)), 10, 0.0)
+    r = mvf.evaluate(store, "relu/k4_simple_fac", cfg, spec, params, truth, cj.PropagationConfig(k_max=4, factored=True),
+                     exclude="k4_.*fac")
+    assert r["status"] == "skipped" and "excluded" in r["reason"] and store["relu/k4_simple_fac"] == r
 
 
 def test_bad_configs_raise_before_work(tmp_path):
