@@ -284,7 +284,8 @@ def main(argv=None) -> dict:
                 del store.entries[k]
         if tkey not in store:
             floor = float(np.mean(sem.astype(np.float64) ** 2))
-            mc_report = flops.montecarlo_flop_report(jax.tree_util.tree_map(lambda x: x[0], params), spec)
+            mc_report = (flops.montecarlo_flop_report(jax.tree_util.tree_map(lambda x: x[0], params), spec)
+                         if cfg.get("xla_flops", True) else None)  # per-sample counts beside forward_flops
             store.put(tkey, dict(num_samples=n, noise_floor=floor, output_variance=floor * n, seconds=secs,
                                  forward_flops=cj.forward_flops(spec), mc_flop_report=mc_report))
         t = store[tkey]
