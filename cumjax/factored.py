@@ -31,6 +31,13 @@ def contract(factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int
     """``einsum`` of ``(array, labels)`` factors onto the labels ``out`` (summing the others);
     output labels no factor carries are broadcast. Returns an ``(n,)*len(out)`` array."""
     factors = [_take_diagonals(a, tuple(lab)) for a, lab in factors]
+    # Per-neuron vectors on free labels are applied to the result: inside the einsum they would
+    # scale (and copy) the large rank-carrying factors first.
+    post = [(a, lab[0]) for a, lab in factors if len(lab) == 1 and lab[0] in out and lab[0] >= 0]
+    if len(post) < len(factors):
+        factors = [(a, lab) for a, lab in factors if not (len(lab) == 1 and lab[0] in out)]
+    else:
+        post = []
     letter: dict[int, str] = {}
     name = lambda l: letter.setdefault(l, _LETTERS[len(letter)])  # noqa: E731
     present = {l for _, labels in factors for l in labels}
@@ -42,6 +49,8 @@ def contract(factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int
     else:
         res = jnp.einsum(subs + "->" + "".join(name(l) for l in kept), *arrays, optimize="auto")
     res = jnp.reshape(res, [n if l in present else 1 for l in out])
+    for v, l in post:
+        res = res * jnp.reshape(v, [n if t == l else 1 for t in out])
     return jnp.broadcast_to(res, (n,) * len(out))
 
 

@@ -695,7 +695,7 @@ def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, item
     """Rough peak memory of propagation.
 
     Unfactored: the dense order-k cores of every stored layer plus the working slices of one
-    nonlinear step. Factored (k_max 3/4): 3x the factors of the two largest live layers plus
+    nonlinear step. Factored (k_max 3/4): 3x (augment 6x) the factors of the two largest live layers plus
     dense working arrays of order k-1; when every degree is returned (``output_degree`` None or
     >= k) also every layer's stored factors. Modelled on a jitted call (``estimate_mean`` under
     ``jax.jit``); eager calls keep more intermediates alive.
@@ -711,7 +711,10 @@ def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, item
     # Below the top degree at the output, the last hidden layer's top cumulant is dead code under
     # jit (measured peak RSS 4.98 GB at width 256, 5 layers, k_max 4 simple, float32; model: 4.8).
     live_ranks = ranks[-2:] if everything or len(ranks) < 2 else ranks[-3:-1]
-    live = 3 * part * sum(live_ranks)  # input, output and one working copy of the factors
+    # Input, output and working copies of the factors; augment's traced k-slot slices keep more
+    # rank-sized temporaries alive (measured peak RSS at width 128, 5 layers, float32: 3.7 GB,
+    # model 3.6; at width 256 it passed 21.9 GB, model 29: refused on a 24 GB machine).
+    live = (6 if config.kind == "augment" else 3) * part * sum(live_ranks)
     dense = (24 if config.kind == "augment" else 12) * n ** (k - 1)
     stored = 2 * part * sum(ranks) if everything else 0
     return int((live + dense + stored + num_layers * n * n) * itemsize)
