@@ -9,6 +9,7 @@ ground truths), ``cumjax.whest`` (WhestBench adapter, optional extra), ``cumjax.
 from . import groundtruth, rare, results, train
 from .activations import ACTIVATIONS, activation_fn, gaussian_expectation
 from .diagrams import KINDS
+from .factored import FactoredTensor
 from .flops import (FlopCount, compiled_cost, compiled_flops, estimator_flop_report, estimator_flops, jaxpr_flops,
                     montecarlo_flop_report)
 from .groundtruth import ground_truth
@@ -17,7 +18,7 @@ from .montecarlo import MCResult, forward_flops, monte_carlo, monte_carlo_batche
 from .propagate import PropagationConfig, RadialTensor, estimate_mean, input_tower, propagate
 
 __all__ = [
-    "ACTIVATIONS", "KINDS", "MLP", "FlopCount", "Init", "MCResult", "MLPSpec", "PropagationConfig", "RadialTensor",
+    "ACTIVATIONS", "KINDS", "MLP", "FactoredTensor", "FlopCount", "Init", "MCResult", "MLPSpec", "PropagationConfig", "RadialTensor",
     "activation_fn", "compiled_cost", "compiled_flops", "estimate_mean", "estimator_flop_report", "estimator_flops",
     "forward", "forward_flops", "gaussian_expectation", "ground_truth", "groundtruth", "init_params", "input_tower",
     "jaxpr_flops", "layer_weights", "load_golden", "monte_carlo", "monte_carlo_batched", "monte_carlo_sharded",
