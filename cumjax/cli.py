@@ -35,7 +35,8 @@ def compare(args) -> dict:
     init = Init(kind=args.init, q_star=args.q_star, w_var=args.w_var, b_var=args.bias_var, b_mean=args.bias_mean)
     spec = MLPSpec(input_dim=args.width, width=args.width, output_dim=args.width, num_layers=args.layers,
                    activations=(args.activation,) * (args.layers - 1)).with_bias_for(init)
-    configs = [PropagationConfig(k_max=k, kind=kind, avg_metric=args.avg_metric, output_degree=1)
+    configs = [PropagationConfig(k_max=k, kind=kind, avg_metric=args.avg_metric, factored=args.factored and k >= 3,
+                                 output_degree=1)
                for k in args.orders for kind in args.kinds]
     samples = int(float(args.samples))
     key_net, key_mc = jax.random.split(jax.random.PRNGKey(args.seed))
@@ -99,6 +100,7 @@ def _parser():
     c.add_argument("--orders", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2], help="k_max values, e.g. 1,2,3")
     c.add_argument("--kinds", type=lambda s: s.split(","), default=["simple", "augment"], help="term sets: simple,augment")
     c.add_argument("--avg-metric", action="store_true", help="use the average metric E[W^T W]")
+    c.add_argument("--factored", action="store_true", help="low-rank top cumulant for k_max 3 and 4")
     c.add_argument("--init", default="he", choices=["he", "critical", "manual"])
     c.add_argument("--q-star", type=float, default=None, help="fixed point for --init critical")
     c.add_argument("--w-var", type=float, default=None, help="weight variance * fan_in for --init manual")

@@ -25,6 +25,13 @@ def test_compare_prints_table_and_writes_json(tmp_path, capsys):
     assert rows["monte_carlo_20000"]["mse"] == pytest.approx(result["ground_truth_se2"])
 
 
+def test_compare_factored_k3(tmp_path, capsys):
+    out = tmp_path / "r.json"
+    assert cli.main(["compare", "--width", "8", "--layers", "3", "--orders", "3", "--kinds", "simple", "--factored",
+                     "--samples", "4096", "--json", str(out)]) == 0
+    assert {r["estimator"] for r in json.loads(out.read_text())["rows"]} == {"k3_simple_fac", "monte_carlo_4096"}
+
+
 def test_compare_rejects_bad_configuration(capsys):
     assert cli.main(["compare", "--width", "8", "--layers", "2", "--orders", "5", "--samples", "100"]) == 2
     assert "k_max" in capsys.readouterr().err
