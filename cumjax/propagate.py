@@ -15,7 +15,7 @@ import math
 import os
 import string
 from collections import Counter, defaultdict
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp

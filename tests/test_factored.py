@@ -119,27 +119,6 @@ def _random_net(key, n, L):
             for l in range(L)]
 
 
-@pytest.mark.parametrize("k,kind", [(3, "simple"), pytest.param(4, "simple", marks=pytest.mark.slow),
-                                    pytest.param(3, "augment", marks=pytest.mark.slow), pytest.param(4, "augment", marks=pytest.mark.slow)])
-def test_factored_gradient_matches_finite_differences(k, kind):
-    n, L = 3, 3
-    layers = _random_net(jax.random.PRNGKey(k), n, L)
-    acts = ["relu", "tanh"]
-    mu, cov = jnp.full(n, 0.3), jnp.eye(n)
-    cfg = PropagationConfig(k_max=k, kind=kind, factored=True)
-    f = jax.jit(lambda ls: jnp.sum(jnp.sin(estimate_mean(ls, acts, mu, cov, cfg))))
-    grads = jax.jit(jax.grad(f))(layers)
-    rng = np.random.default_rng(k)
-    for _ in range(3):
-        direction = jax.tree_util.tree_map(lambda x: jnp.asarray(rng.normal(size=x.shape)), layers)
-        eps = 1e-5
-        plus = jax.tree_util.tree_map(lambda x, d: x + eps * d, layers, direction)
-        minus = jax.tree_util.tree_map(lambda x, d: x - eps * d, layers, direction)
-        fd = (f(plus) - f(minus)) / (2 * eps)
-        an = sum(jnp.vdot(g, d) for g, d in zip(jax.tree_util.tree_leaves(grads), jax.tree_util.tree_leaves(direction)))
-        assert float(an) == pytest.approx(float(fd), rel=1e-6, abs=1e-9)
-
-
 def test_factored_vmap_over_networks_matches_loop_and_unfactored():
     n, L = 4, 3
     nets = [_random_net(jax.random.PRNGKey(s), n, L) for s in range(2)]

@@ -3,7 +3,6 @@ import json
 import os
 import sys
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

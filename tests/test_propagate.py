@@ -122,13 +122,20 @@ def _random_net(key, n, L, scale=None):
     ]
 
 
-@pytest.mark.parametrize("k,kind", [(1, "simple"), (2, "simple"), (2, "augment"), (3, "simple"), pytest.param(4, "simple", marks=pytest.mark.slow)])
-def test_gradient_matches_finite_differences(k, kind):
+_SLOW = pytest.mark.slow
+
+
+@pytest.mark.parametrize("k,kind,factored", [
+    (1, "simple", False), (2, "simple", False), (2, "augment", False), (3, "simple", False), (3, "simple", True),
+    pytest.param(4, "simple", False, marks=_SLOW), pytest.param(4, "simple", True, marks=_SLOW),
+    pytest.param(3, "augment", True, marks=_SLOW), pytest.param(4, "augment", True, marks=_SLOW),
+])
+def test_gradient_matches_finite_differences(k, kind, factored):
     n, L = 4, 3
     layers = _random_net(jax.random.PRNGKey(k), n, L)
     acts = ["relu", "tanh"]
     mu, cov = jnp.full(n, 0.3), jnp.eye(n)
-    cfg = PropagationConfig(k_max=k, kind=kind)
+    cfg = PropagationConfig(k_max=k, kind=kind, factored=factored)
     f = jax.jit(lambda ls: jnp.sum(jnp.sin(estimate_mean(ls, acts, mu, cov, cfg))))
     grads = jax.jit(jax.grad(f))(layers)
     rng = np.random.default_rng(k)
