@@ -75,15 +75,21 @@ def variants(cfg) -> list[cj.PropagationConfig]:
     return out
 
 
-def make_spec(width: int, layers: int, activation: str) -> cj.MLPSpec:
-    return cj.MLPSpec(input_dim=width, width=width, output_dim=width, num_layers=layers, activations=activation)
+def init_of(cfg) -> cj.Init:
+    """He init, with the config's optional ``init`` fields (e.g. ``b_mean``, ``b_var`` for biases)."""
+    return cj.Init(**{"kind": "he", **cfg.get("init", {})})
+
+
+def make_spec(width: int, layers: int, activation: str, init: cj.Init | None = None) -> cj.MLPSpec:
+    spec = cj.MLPSpec(input_dim=width, width=width, output_dim=width, num_layers=layers, activations=activation)
+    return spec if init is None else spec.with_bias_for(init)
 
 
 def networks(cfg, spec: cj.MLPSpec):
-    """``networks`` He-initialised float32 MLPs stacked on a leading axis (seeds seed..seed+B-1;
+    """``networks`` float32 MLPs (:func:`init_of`) stacked on a leading axis (seeds seed..seed+B-1;
     the same weights for every activation of one width)."""
     seed = int(cfg.get("seed", 0))
-    ps = [cj.init_params(jax.random.PRNGKey(seed + i), spec, cj.Init(kind="he"), dtype=jnp.float32)
+    ps = [cj.init_params(jax.random.PRNGKey(seed + i), spec, init_of(cfg), dtype=jnp.float32)
           for i in range(int(cfg["networks"]))]
     return gt.stack_networks(ps)
 
@@ -143,7 +149,7 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig) -> dict:
                 vmap_batch=batch)
 
 
-EST_KEYS = ("width", "widths", "layers", "networks", "seed", "estimator_dtype", "xla_flops")
+EST_KEYS = ("width", "widths", "layers", "networks", "seed", "init", "estimator_dtype", "xla_flops")
 
 
 def estimates_store(path: str, cfg: dict) -> ResultStore:
@@ -266,7 +272,7 @@ def main(argv=None) -> dict:
     summary = store.data.get("summary", {})
     print(f"device: {jax.devices()[0]}  config: {cfg['name']}")
     for act in acts:
-        spec = make_spec(int(cfg["width"]), int(cfg["layers"]), act)
+        spec = make_spec(int(cfg["width"]), int(cfg["layers"]), act, init_of(cfg))
         params = networks(cfg, spec)
         if args.estimates_only:
             for config in variants(cfg):

@@ -133,7 +133,7 @@ def main(argv=None) -> dict:
     print(f"device: {jax.devices()[0]}  config: {cfg['name']}")
     rows_by_width, truths = {}, {}
     for w in cfg["widths"]:
-        spec = mvf.make_spec(w, int(cfg["layers"]), act)
+        spec = mvf.make_spec(w, int(cfg["layers"]), act, mvf.init_of(cfg))
         params = mvf.networks(cfg, spec)
         truth = mvf.truth_for(cfg, spec, params, cache, progress=not args.no_progress)
         tkey = f"n{w}/truth"

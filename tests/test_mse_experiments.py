@@ -3,6 +3,7 @@ import json
 import os
 import sys
 
+import jax
 import numpy as np
 import pytest
 
@@ -147,3 +148,14 @@ def test_mse_vs_width_smoke_and_resume(tmp_path, monkeypatch):
         again = mvw.main(args)
     assert again["entries"] == data["entries"]
     assert json.dumps(again["summary"]) == json.dumps(summary)  # (json: nan == nan)
+
+
+def test_config_init_draws_biases():
+    cfg = dict(networks=2, init=dict(b_mean=0.1, b_var=0.1))
+    spec = mvf.make_spec(4, 3, "tanh", mvf.init_of(cfg))
+    params = mvf.networks(cfg, spec)
+    assert spec.use_bias and not mvf.make_spec(4, 3, "tanh").use_bias
+    biases = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params) if "bias" in jax.tree_util.keystr(path)]
+    assert len(biases) == 3 and all(b.shape == (2, 4) for b in biases)
+    draws = np.concatenate([np.ravel(b) for b in biases])  # N(0.1, 0.1) draws: mean within 4.5 standard errors
+    assert abs(float(np.mean(draws)) - 0.1) < 4.5 * np.sqrt(0.1 / draws.size) and np.std(draws) > 0
