@@ -29,8 +29,11 @@ def write_json_atomic(obj, path: str) -> None:
 
 
 def save_figure_atomic(fig, path: str, **kwargs) -> None:
-    """``fig.savefig`` through a temp file + rename."""
+    """``fig.savefig`` through a temp file + rename, then close the (pyplot) figure."""
+    import matplotlib.pyplot as plt  # only experiments that plot pay for the import
+
     _atomic(path, lambda tmp: fig.savefig(tmp, **kwargs))
+    plt.close(fig)
 
 
 def load_config(path: str) -> dict:

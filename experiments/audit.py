@@ -49,11 +49,7 @@ def check_config(cfg: dict) -> None:
     if not 0 <= cfg["neuron"] < cfg["width"] or cfg["layer"] < 1 or cfg["target_factor"] <= 1:
         raise ValueError("need 0 <= neuron < width, layer >= 1 and target_factor > 1")
     for e in cfg["gradient_estimators"] + [cfg["search_estimator"]]:
-        _config(e)
-
-
-def _config(e) -> cj.PropagationConfig:
-    return cj.PropagationConfig(k_max=e["k_max"], kind=e["kind"], factored=e.get("factored", False))
+        cj.PropagationConfig(**e)  # validates k_max and kind
 
 
 def _imshow_grid(axes, mats, title, column):
@@ -99,7 +95,7 @@ def main(argv=None) -> dict:
 
     mom = store.get_or_compute("moments", moments)
     t = mom["mean"] + cfg["sigma"] * mom["sd"]
-    conf = _config(cfg["search_estimator"])
+    conf = cj.PropagationConfig(**cfg["search_estimator"])
 
     @jax.jit
     def tail(kern):
@@ -154,11 +150,10 @@ def main(argv=None) -> dict:
     ax[1].set_title(f"relative perturbation {s['relative_norm']:.3g}", fontsize=9)
     fig.tight_layout()
     save_figure_atomic(fig, os.path.join(args.out, f"{name}_search.png"), dpi=110)
-    plt.close(fig)
 
     if "gradient_check" not in store:  # (b) and (c) together: a rerun after both is free
         # --- (b) sensitivity maps through the estimator
-        grad_conf = _config(cfg["gradient_estimators"][-1])
+        grad_conf = cj.PropagationConfig(**cfg["gradient_estimators"][-1])
         onehot = jnp.zeros(n).at[j].set(1.0)
         g_mean = rare.estimate_gradient(params, spec.activations, mean, cov, grad_conf, onehot)
         g_tail = jax.jit(jax.grad(tail))(kernels)
@@ -168,7 +163,6 @@ def main(argv=None) -> dict:
         fig.suptitle(f"sensitivity maps through the estimator ({grad_conf.name} / {conf.name})", fontsize=10)
         fig.tight_layout()
         save_figure_atomic(fig, os.path.join(args.out, f"{name}_sensitivity.png"), dpi=100)
-        plt.close(fig)
         sens = dict(mean_grad_norm=[float(jnp.linalg.norm(W)) for W, _ in cj.layer_weights(g_mean)],
                     tail_grad_norm=[float(jnp.linalg.norm(g)) for g in g_tail],
                     tail_grad_top_layer_entries=int(np.argmax([float(jnp.abs(g).max()) for g in g_tail])))
@@ -191,7 +185,7 @@ def main(argv=None) -> dict:
         live = se_mc > 1e-9 * np.abs(g_mc).max()  # coordinates with a constant per-sample gradient (other outputs: 0)
         rows, grads = {}, {}
         for e in tqdm(cfg["gradient_estimators"], desc="gradient check"):
-            c = _config(e)
+            c = cj.PropagationConfig(**e)
             g = grads[c.name] = np.asarray(ravel_pytree(rare.estimate_gradient(params, spec.activations, mean, cov, c, onehot))[0])
             z = (g[live] - g_mc[live]) / se_mc[live]
             ht = rare.hotelling_test(g[probe], g_mc[probe], mcg["probe_cov"], mcg["num_samples"])
@@ -221,7 +215,6 @@ def main(argv=None) -> dict:
         ax[1].legend(fontsize=7)
         fig.tight_layout()
         save_figure_atomic(fig, os.path.join(args.out, f"{name}_gradients.png"), dpi=110)
-        plt.close(fig)
     store.put("done", True)
     print(f"\n(a) P(z_{j} > {t:.3g}): IS {s['before']['is_p']:.3g} ± {s['before']['is_sem']:.2g} (estimate "
           f"{s['estimate_before']:.3g}) -> target {s['target']:.3g}; relative perturbation {s['relative_norm']:.4f}; "

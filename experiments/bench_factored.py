@@ -178,7 +178,6 @@ def main(argv=None) -> dict:
     axes[1].set(xlabel="width", ylabel="peak RSS (GiB)", title="peak memory (own process)")
     axes[0].legend(fontsize=7)
     save_figure_atomic(fig, os.path.join(args.out, f"bench_factored_{cfg['name']}.png"), dpi=120)
-    plt.close(fig)
     return summary
 
 

@@ -118,7 +118,6 @@ def _plot(rows, path):
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     save_figure_atomic(fig, path)
-    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -220,7 +220,6 @@ def plot(cfg: dict, store: ResultStore, path: str) -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None) -> dict:

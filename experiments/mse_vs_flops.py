@@ -241,7 +241,6 @@ def plot(summary: dict, path: str) -> None:
         ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> dict:

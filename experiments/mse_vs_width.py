@@ -110,7 +110,6 @@ def plot(summary: dict, cfg: dict, path: str) -> None:
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> dict:

@@ -48,11 +48,7 @@ def check_config(cfg: dict) -> None:
     if not cfg["sigmas"] or sorted(cfg["sigmas"]) != list(cfg["sigmas"]):
         raise ValueError("sigmas must be a non-empty increasing list")
     for e in cfg["estimators"]:
-        cj.PropagationConfig(k_max=e["k_max"], kind=e["kind"], factored=e.get("factored", False))
-
-
-def _config(e) -> cj.PropagationConfig:
-    return cj.PropagationConfig(k_max=e["k_max"], kind=e["kind"], factored=e.get("factored", False))
+        cj.PropagationConfig(**e)  # validates k_max and kind
 
 
 def main(argv=None) -> dict:
@@ -86,7 +82,7 @@ def main(argv=None) -> dict:
 
     # --- cumulant estimates, their FLOPs, and Monte Carlo with the same FLOPs
     for e in tqdm(cfg["estimators"], desc="estimators"):
-        conf = _config(e)
+        conf = cj.PropagationConfig(**e)
 
         def run(conf=conf):
             fn = jax.jit(lambda p, t: rare.tail_probabilities(p, spec.activations, mean, cov, layer, t, conf))
@@ -142,7 +138,7 @@ def summarise(cfg, store, sigmas, truth_idx, val, per_sample) -> dict:
                       per_sigma_compared=ok.sum(1).tolist())
     rows = []
     for e in cfg["estimators"]:
-        name = _config(e).name
+        name = cj.PropagationConfig(**e).name
         r = store[f"est_{name}"]
         est = np.asarray(r["estimate"])[:, truth_idx]
         mc = np.asarray(r["mc_estimate"])[:, truth_idx]
@@ -205,7 +201,6 @@ def plot(results, path) -> None:
     ax.invert_xaxis()
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=120)
-    plt.close(fig)
 
 
 def print_table(results) -> None:

@@ -273,7 +273,6 @@ def plot(summary: dict, cfg: dict, path: str) -> None:
     ax[2].legend(fontsize=7)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=110)
-    plt.close(fig)
 
 
 def main(argv=None) -> dict:
