@@ -2,8 +2,9 @@
 estimator (ARC, arXiv 2605.05179, "factored" variant).
 
 * :class:`FactoredTensor` stores a symmetric degree-d tensor as ``Sym(sum_r (x)_p parts[p][..., r])``:
-  k = 3 uses three ``(n, R)`` parts (CP form), k = 4 two ``(n, n, R)`` parts, each symmetric in its
-  own legs. Memory O(n R) / O(n^2 R) instead of O(n^d).
+  k = 3 uses three ``(n, R)`` parts (CP form), k = 4 two ``(n, R)`` vectors and one symmetric
+  ``(n, n, R)`` matrix per rank (every term the k = 4 step creates has a rank-one pair of legs, so
+  only one part is ``n^2 R``). Memory O(n R) / O(n^2 R) instead of O(n^d).
 * :class:`Net` is a sum of tensor networks over ``m`` slot indices: the top-degree slices of the
   nonlinear step are built as networks (products of block slices and per-neuron vectors) and only
   ever contracted to at most ``m - 1`` free indices or converted to factored form, never
@@ -23,8 +24,15 @@ import jax.numpy as jnp
 
 Array = jax.Array
 _LETTERS = string.ascii_letters
-_RANK = 50  # einsum label of a factored tensor's rank index (slot labels are small ints)
+_RANK = 1 << 20  # labels >= this are rank indices of factored tensors (slot labels are small ints)
 _fresh = itertools.count(100)  # internal labels of networks (fresh per network built)
+_fresh_rank = itertools.count(_RANK + 1)
+
+
+def _rank_chunk(R: int, n: int) -> int:
+    """Rank block summed per loop step: n (ranks are multiples of the width), or all of R.
+    Bounds every rank-sized temporary of a contraction at n^2 x block, whatever XLA schedules."""
+    return n if R > n and R % n == 0 else R
 
 
 def contract(factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int], n: int, dtype) -> Array:
@@ -43,15 +51,34 @@ def contract(factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int
     present = {l for _, labels in factors for l in labels}
     subs = ",".join("".join(name(l) for l in labels) for _, labels in factors)
     kept = [l for l in out if l in present]
+    expr = subs + "->" + "".join(name(l) for l in kept)
     arrays = [a for a, _ in factors]
     if not arrays:
         res = jnp.ones((), dtype)
     else:
-        res = jnp.einsum(subs + "->" + "".join(name(l) for l in kept), *arrays, optimize="auto")
+        res = _summed_over_rank_blocks(expr, factors, n)
     res = jnp.reshape(res, [n if l in present else 1 for l in out])
     for v, l in post:
         res = res * jnp.reshape(v, [n if t == l else 1 for t in out])
     return jnp.broadcast_to(res, (n,) * len(out))
+
+
+def _summed_over_rank_blocks(expr: str, factors, n: int) -> Array:
+    """``einsum(expr)`` of the factors, looping over blocks of the largest summed rank index."""
+    sizes = {l: a.shape[lab.index(l)] for a, lab in factors for l in lab if l >= _RANK}
+    arrays = [a for a, _ in factors]
+    if not sizes:
+        return jnp.einsum(expr, *arrays, optimize="auto")
+    r = max(sizes, key=sizes.get)
+    R = sizes[r]
+    c = _rank_chunk(R, n)
+    if c == R:
+        return jnp.einsum(expr, *arrays, optimize="auto")
+
+    def block(i):
+        return jnp.einsum(expr, *[jax.lax.dynamic_slice_in_dim(a, i * c, c, lab.index(r)) if r in lab else a for a, lab in factors], optimize="auto")
+
+    return jax.lax.fori_loop(1, R // c, lambda i, acc: acc + block(i), block(0))
 
 
 def _take_diagonals(a: Array, labels: tuple[int, ...]) -> tuple[Array, tuple[int, ...]]:
@@ -65,6 +92,22 @@ def _take_diagonals(a: Array, labels: tuple[int, ...]) -> tuple[Array, tuple[int
         a = jnp.reshape(a, (n * n,) + a.shape[2:])[:: n + 1]
         labels = (labels[j],) + tuple(l for t, l in enumerate(labels) if t not in (i, j))
     return a, labels
+
+
+def _map_rank_blocks(f, p: Array, n: int) -> Array:
+    """``f`` applied to blocks of the last (rank) axis of ``p``, written into one output."""
+    R = p.shape[-1]
+    c = _rank_chunk(R, n)
+    if c == R:
+        return f(p)
+    first = f(p[..., :c])
+    out = jnp.zeros(first.shape[:-1] + (R,), first.dtype)
+    out = jax.lax.dynamic_update_slice_in_dim(out, first, 0, out.ndim - 1)
+
+    def body(i, out):
+        return jax.lax.dynamic_update_slice_in_dim(out, f(jax.lax.dynamic_slice_in_dim(p, i * c, c, p.ndim - 1)), i * c, out.ndim - 1)
+
+    return jax.lax.fori_loop(1, R // c, body, out)
 
 
 @lru_cache(maxsize=None)
@@ -87,7 +130,7 @@ class FactoredTensor:
     """Symmetric degree-d tensor ``Sym(sum_r (x)_p parts[p][..., r])``.
 
     parts: arrays of shape ``(n,)*legs[p] + (R,)``, each symmetric in its leading legs; the
-    degree is ``sum(legs)``. k = 3: legs (1, 1, 1); k = 4: legs (2, 2).
+    degree is ``sum(legs)``. k = 3: legs (1, 1, 1); k = 4: legs (1, 1, 2).
     """
 
     def __init__(self, parts: Sequence[Array], legs: tuple[int, ...], n: int):
@@ -121,9 +164,8 @@ class FactoredTensor:
         for p, l in zip(self.parts, self.legs):
             if l == 1:
                 parts.append(W.T @ p)
-            else:  # (n, n, R): two matrix products over the flattened other axes
-                p = jnp.einsum("abr,ac->bcr", p, W)
-                parts.append(jnp.einsum("bcr,bd->cdr", p, W))
+            else:  # (n, n, R): W^T B_r W for every rank, one block of ranks at a time
+                parts.append(_map_rank_blocks(lambda b: jnp.einsum("abr,ac,bd->cdr", b, W, W, optimize="auto"), p, self.n))
         return FactoredTensor(parts, self.legs, W.shape[1])
 
     def scale_legs(self, v: Array, coef=1.0) -> "FactoredTensor":
@@ -152,7 +194,7 @@ class FactoredTensor:
         """The tensor on the distinct ``slots`` (one per leg) of an ``m``-slot network."""
         terms = []
         for w, labels in _assignments(self.legs, (1,) * self.degree):
-            r = next(_fresh)
+            r = next(_fresh_rank)
             terms.append((w, tuple((p, tuple(slots[s] for s in lab) + (r,), False) for p, lab in zip(self.parts, labels))))
         return Net(m, terms)
 
@@ -247,33 +289,25 @@ def refactor(slices: dict[tuple[int, ...], Array], k: int, n: int, dtype) -> Fac
         c = 3.0 * slices[(2, 1)].T + jnp.diag(slices[(3,)])
         return FactoredTensor((eye, eye, c), (1, 1, 1), n)
     if k == 4:
-        # Sym(e_i e_i (x) B_i) with B_i symmetric: (i,i,j,l) -> B_i[j,l]/6, (i,i,j,j) -> (B_i[j,j]
+        # Sym(e_i e_i B_i) with B_i symmetric: (i,i,j,l) -> B_i[j,l]/6, (i,i,j,j) -> (B_i[j,j]
         # + B_j[i,i])/6, (i,i,i,j) -> B_i[i,j]/2, (i,i,i,i) -> B_i[i,i].
-        A = jnp.einsum("ar,br->abr", eye, eye)
         B = 6.0 * jnp.moveaxis(slices[(2, 1, 1)], 0, -1)
         B = B + 3.0 * jnp.einsum("ab,rb->abr", eye, slices[(2, 2)])
         B = B + 2.0 * (jnp.einsum("ar,rb->abr", eye, slices[(3, 1)]) + jnp.einsum("br,ra->abr", eye, slices[(3, 1)]))
         B = B + jnp.einsum("ar,br,r->abr", eye, eye, slices[(4,)])
-        return FactoredTensor((A, B), (2, 2), n)
+        return FactoredTensor((eye, eye, B), legs_for(4), n)
     raise ValueError(f"factored tensors exist for k = 3, 4, not {k}")
 
 
 def legs_for(k: int) -> tuple[int, ...]:
-    return {3: (1, 1, 1), 4: (2, 2)}[k]
+    return {3: (1, 1, 1), 4: (1, 1, 2)}[k]
 
 
 def from_leaf_groups(groups: Sequence[tuple[Array, Array]], k: int, n: int) -> FactoredTensor:
     """Terms ``E[i, j] X[j, rest]`` (leaf slot i hanging off slot j, X dense over the other k-1
-    slots) as rank-n factors, one block per group. k = 3: ``a = E, b = I, c = X^T``;
-    k = 4: ``A_r[i, j] = E[i, r] delta(j, r)`` (symmetrised), ``B_r = X[r]``."""
-    parts = []
-    eye = None
-    for E, X in groups:
-        eye = jnp.eye(n, dtype=E.dtype) if eye is None else eye
-        if k == 3:
-            parts.append((E, eye, X.T))
-        else:
-            A = E[:, None, :] * eye[None, :, :]
-            B = jnp.moveaxis(X, 0, -1)
-            parts.append((0.5 * (A + jnp.swapaxes(A, 0, 1)), 0.5 * (B + jnp.swapaxes(B, 0, 1))))
+    slots) as rank-n factors, one block per group: ``E[:, r] (x) e_r (x) X[r]`` (k = 4: X[r]
+    symmetrised, which Sym does anyway)."""
+    eye = jnp.eye(n, dtype=groups[0][0].dtype)
+    rest = (lambda X: X.T) if k == 3 else (lambda X: 0.5 * jnp.moveaxis(X + jnp.swapaxes(X, 1, 2), 0, -1))
+    parts = [(E, eye, rest(X)) for E, X in groups]
     return FactoredTensor([jnp.concatenate(ps, axis=-1) for ps in zip(*parts)], legs_for(k), n)

@@ -494,9 +494,11 @@ def estimator_flop_report(params, activations, mean, cov, config: PropagationCon
     count on the unrolled program; ``xla``: XLA's cost analysis of the compiled unrolled program
     (its ``flops`` plus ``transcendentals``); ``ratio``: analytic_unrolled / xla, the like-for-like
     comparison; ``matmul_ratio``: the same for the matmul parts (``xla_matmul``: the dots of the
-    optimized HLO); ``ratio_loops_once``: analytic with every loop body counted once, XLA's
-    convention, over xla (the unrolled program still loops where k_max = 4 sums its largest
-    slices block by block with ``lax.map``; there XLA undercounts and ``ratio`` exceeds 1).
+    optimized HLO); ``ratio_loops_once`` / ``matmul_ratio_loops_once``: analytic with every loop
+    body counted once, XLA's convention, over xla (the unrolled program still loops where
+    unfactored k_max = 4 sums its largest slices block by block with ``lax.map`` and where the
+    factored path sums its rank index in blocks of n; there XLA undercounts and ``ratio``
+    exceeds 1).
 
     Measured (float32, ReLU, 5 linear layers, He init; ``experiments/bench_flops.py``):
     matmul_ratio 1.000 for every unfactored estimator and 1.000-1.003 factored (XLA turns a few
@@ -517,7 +519,7 @@ def estimator_flop_report(params, activations, mean, cov, config: PropagationCon
                 analytic_unrolled=float(unrolled.total), analytic_unrolled_matmul=float(unrolled.matmul),
                 xla=xla_total, xla_flops=xla["flops"], xla_transcendentals=xla["transcendentals"], xla_matmul=xla["matmul"],
                 ratio=_ratio(unrolled.total, xla_total), matmul_ratio=_ratio(unrolled.matmul, xla["matmul"]),
-                ratio_loops_once=_ratio(once.total, xla_total))
+                ratio_loops_once=_ratio(once.total, xla_total), matmul_ratio_loops_once=_ratio(once.matmul, xla["matmul"]))
 
 
 # ----------------------------------------------------------------------------- Monte Carlo

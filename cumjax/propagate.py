@@ -706,15 +706,15 @@ def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, item
         working = 12 if config.kind == "augment" else 6
         return int((2 * num_layers + working) * top * itemsize)
     ranks = factored_ranks(n, num_layers, config) or [0]
-    part = 3 * n if k == 3 else 2 * n * n  # floats per unit of rank
+    part = 3 * n if k == 3 else n * n + 2 * n  # floats per unit of rank
     everything = config.output_degree is None or config.output_degree >= k
     # Below the top degree at the output, the last hidden layer's top cumulant is dead code under
-    # jit (measured peak RSS 4.98 GB at width 256, 5 layers, k_max 4 simple, float32; model: 4.8).
+    # jit, so the two layers before it are the largest live ones.
     live_ranks = ranks[-2:] if everything or len(ranks) < 2 else ranks[-3:-1]
-    # Input, output and working copies of the factors; augment's traced k-slot slices keep more
-    # rank-sized temporaries alive (measured peak RSS at width 128, 5 layers, float32: 3.7 GB,
-    # model 3.6; at width 256 it passed 21.9 GB, model 29: refused on a 24 GB machine).
-    live = (6 if config.kind == "augment" else 3) * part * sum(live_ranks)
+    # Input, output and working copies of the factors (contractions are summed over blocks of n
+    # ranks, so their temporaries are small). k = 4, width 256, 5 layers, float32: XLA's buffer
+    # assignment 10.0 GB augment (model 10.7), peak RSS 4.5 / 11.8 GB simple / augment.
+    live = (4 if k == 4 else 3 if config.kind == "simple" else 6) * part * sum(live_ranks)
     dense = (24 if config.kind == "augment" else 12) * n ** (k - 1)
     stored = 2 * part * sum(ranks) if everything else 0
     return int((live + dense + stored + num_layers * n * n) * itemsize)

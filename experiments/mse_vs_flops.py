@@ -58,8 +58,9 @@ def check_config(cfg: dict, required=REQUIRED) -> None:
     for kind in cfg["kinds"]:
         if kind not in cj.KINDS:
             raise ValueError(f"unknown kind {kind!r}; choose from {cj.KINDS}")
-    if cfg.get("estimator_dtype", "float64") not in DTYPES:
-        raise ValueError(f"estimator_dtype must be one of {sorted(DTYPES)}")
+    for name, dt in {"": cfg.get("estimator_dtype", "float64"), **cfg.get("estimator_dtypes", {})}.items():
+        if dt not in DTYPES:
+            raise ValueError(f"estimator_dtype{'s[' + repr(name) + ']' if name else ''} must be one of {sorted(DTYPES)}, got {dt!r}")
     if int(float(cfg["gt_samples"])) < 2:
         raise ValueError("gt_samples must be >= 2")
 
@@ -110,10 +111,16 @@ def truth_for(cfg, spec, params, cache_dir, progress=True, max_blocks=None):
     return np.asarray(res.mean[label]), np.asarray(res.sem[label]), res.num_samples, time.perf_counter() - t0
 
 
+def estimator_dtype(cfg, config: cj.PropagationConfig) -> str:
+    """``estimator_dtypes[variant name]`` if given (e.g. float32 where float64 would not fit in
+    memory), else ``estimator_dtype``."""
+    return cfg.get("estimator_dtypes", {}).get(config.name, cfg.get("estimator_dtype", "float64"))
+
+
 def run_variant(cfg, spec, params, config: cj.PropagationConfig) -> dict:
     """Estimates (B, n) of one variant for every network, its FLOPs and times; or
     ``{"status": "skipped", "reason": ...}`` when the memory guard refuses it."""
-    dtype = DTYPES[cfg.get("estimator_dtype", "float64")]
+    dtype = DTYPES[estimator_dtype(cfg, config)]
     w = spec.input_dim
     mean, cov = jnp.zeros(w, dtype), jnp.eye(w, dtype=dtype)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
@@ -146,7 +153,7 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig) -> dict:
     if not np.all(np.isfinite(est)):
         return dict(status="failed", reason="non-finite estimate")
     return dict(status="ok", estimates=est, flops=fl, flop_report=report, run_s=run_s, compile_s=compile_s,
-                vmap_batch=batch)
+                vmap_batch=batch, dtype=estimator_dtype(cfg, config))
 
 
 EST_KEYS = ("width", "widths", "layers", "networks", "seed", "init", "estimator_dtype", "xla_flops")
@@ -183,7 +190,7 @@ def evaluate(store: ResultStore, key: str, cfg, spec, params, truth, config, red
     if r["status"] == "ok":
         score = gt.compare_to_truth(r["estimates"], mean, sem, n, r["flops"], cj.forward_flops(spec))
         r = dict(status="ok", estimator=config.name, **score, flop_report=r["flop_report"], run_s=r["run_s"],
-                 compile_s=r["compile_s"], vmap_batch=r["vmap_batch"])
+                 compile_s=r["compile_s"], vmap_batch=r["vmap_batch"], dtype=r.get("dtype", estimator_dtype(cfg, config)))
     else:
         r = dict(estimator=config.name, **r)
     store.put(key, r)
