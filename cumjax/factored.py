@@ -125,6 +125,21 @@ def _assignments(legs: tuple[int, ...], pattern: tuple[int, ...]) -> tuple[tuple
     return tuple((c / total, labels) for labels, c in sorted(counts.items()))
 
 
+@lru_cache(maxsize=None)
+def _assignment_classes(legs: tuple[int, ...], pattern: tuple[int, ...]):
+    """``_assignments`` up to the permutations of equal-count slots (the slice is symmetric under
+    them): ``(perms, ((weight * class size, representative labels), ...))``; the slice is the
+    average over ``perms`` of the transposed sum of representatives (n^m work per permutation
+    instead of n^m R per assignment)."""
+    m = len(pattern)
+    perms = [p for p in itertools.permutations(range(m)) if all(pattern[p[s]] == pattern[s] for s in range(m))]
+    classes: dict = {}
+    for w, labels in _assignments(legs, pattern):
+        key = min(tuple(tuple(sorted(p[l] for l in lab)) for lab in labels) for p in perms)
+        classes.setdefault(key, [w, labels, 0])[2] += 1
+    return perms, tuple((w * c, labels) for w, labels, c in classes.values())
+
+
 @jax.tree_util.register_pytree_node_class
 class FactoredTensor:
     """Symmetric degree-d tensor ``Sym(sum_r (x)_p parts[p][..., r])``.
@@ -181,10 +196,11 @@ class FactoredTensor:
         """Entries at distinct neurons repeated ``pattern`` times: ``(n,)*len(pattern)``
         (coincident entries hold the tensor's values there, not zeros). O(n^m R)."""
         m = len(pattern)
+        perms, classes = _assignment_classes(self.legs, tuple(pattern))
         total = 0.0
-        for w, labels in _assignments(self.legs, tuple(pattern)):
+        for w, labels in classes:
             total = total + w * contract([(p, lab + (_RANK,)) for p, lab in zip(self.parts, labels)], range(m), self.n, self.parts[0].dtype)
-        return total
+        return sum(jnp.transpose(total, p) for p in perms) / len(perms) if len(perms) > 1 else total
 
     def dense(self) -> Array:
         """The full ``(n,)*d`` array (tests only: O(n^d R))."""
