@@ -390,7 +390,11 @@ class _FactoredStep(_NonlinearStep):
         if not isinstance(t, FactoredTensor):
             return super().block(pattern)
         assert len(pattern) < self.k, "the all-distinct top slice exists only in factored form"
-        return self._cached(("b", pattern), lambda: t.slice(pattern))
+        # One O(n^m R) slice per multiset of multiplicities; other orders are transposes of it.
+        pattern = tuple(pattern)
+        srt = tuple(sorted(pattern, reverse=True))
+        full = self._cached(("b", srt), lambda: t.slice(srt))
+        return full if srt == pattern else self._cached(("b", pattern), lambda: _sorted_view(lambda _: full, pattern))
 
     def power_cumulant(self, alpha):
         assert len(alpha) < self.k, "k-slot power cumulants are networks (power_net)"
