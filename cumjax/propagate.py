@@ -725,6 +725,15 @@ def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, item
 
 
 def available_bytes() -> int:
+    """Memory a new allocation can get: Linux's MemAvailable (free pages plus reclaimable page
+    cache; free pages alone undercount after file I/O), else the free physical pages."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     try:
         return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX
