@@ -67,7 +67,9 @@ def _summed_over_rank_blocks(expr: str, factors, n: int) -> Array:
     """``einsum(expr)`` of the factors, looping over blocks of the largest summed rank index."""
     sizes = {l: a.shape[lab.index(l)] for a, lab in factors for l in lab if l >= _RANK}
     arrays = [a for a, _ in factors]
-    if not sizes:
+    # Only (n, n, R) factors (k = 4) make n^2 R temporaries worth bounding; with (n, R) factors
+    # alone (k = 3) one einsum over the whole rank takes the cheaper contraction order.
+    if not sizes or all(a.ndim < 3 for a, lab in factors if any(l >= _RANK for l in lab)):
         return jnp.einsum(expr, *arrays, optimize="auto")
     r = max(sizes, key=sizes.get)
     R = sizes[r]
