@@ -52,8 +52,7 @@ def contract(factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int
     subs = ",".join("".join(name(l) for l in labels) for _, labels in factors)
     kept = [l for l in out if l in present]
     expr = subs + "->" + "".join(name(l) for l in kept)
-    arrays = [a for a, _ in factors]
-    if not arrays:
+    if not factors:
         res = jnp.ones((), dtype)
     else:
         res = _summed_over_rank_blocks(expr, factors, n)

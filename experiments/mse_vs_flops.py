@@ -120,7 +120,8 @@ def estimator_dtype(cfg, config: cj.PropagationConfig) -> str:
 def run_variant(cfg, spec, params, config: cj.PropagationConfig) -> dict:
     """Estimates (B, n) of one variant for every network, its FLOPs and times; or
     ``{"status": "skipped", "reason": ...}`` when the memory guard refuses it."""
-    dtype = DTYPES[estimator_dtype(cfg, config)]
+    dtype_name = estimator_dtype(cfg, config)
+    dtype = DTYPES[dtype_name]
     w = spec.input_dim
     mean, cov = jnp.zeros(w, dtype), jnp.eye(w, dtype=dtype)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
@@ -153,7 +154,7 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig) -> dict:
     if not np.all(np.isfinite(est)):
         return dict(status="failed", reason="non-finite estimate")
     return dict(status="ok", estimates=est, flops=fl, flop_report=report, run_s=run_s, compile_s=compile_s,
-                vmap_batch=batch, dtype=estimator_dtype(cfg, config))
+                vmap_batch=batch, dtype=dtype_name)
 
 
 EST_KEYS = ("width", "widths", "layers", "networks", "seed", "init", "estimator_dtype", "xla_flops")
