@@ -117,9 +117,12 @@ def estimator_dtype(cfg, config: cj.PropagationConfig) -> str:
     return cfg.get("estimator_dtypes", {}).get(config.name, cfg.get("estimator_dtype", "float64"))
 
 
-def run_variant(cfg, spec, params, config: cj.PropagationConfig) -> dict:
+def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None) -> dict:
     """Estimates (B, n) of one variant for every network, its FLOPs and times; or
-    ``{"status": "skipped", "reason": ...}`` when the memory guard refuses it."""
+    ``{"status": "skipped", "reason": ...}`` when the memory guard refuses it.
+    checkpoint: ``(store, key)``: when the networks run in several groups (those too large to vmap
+    together), the estimates of the finished groups are saved under ``key + "#partial"`` and a rerun
+    starts after them (an interrupted hour-long variant loses at most one group)."""
     dtype_name = estimator_dtype(cfg, config)
     dtype = DTYPES[dtype_name]
     w = spec.input_dim
@@ -132,13 +135,26 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig) -> dict:
     batch = int(max(1, min(B, budget // max(per_net, 1))))
     one = lambda p: cj.estimate_mean(p, spec.activations, mean, cov, config)  # noqa: E731
     fn = jax.jit(lambda ps: jax.lax.map(one, ps, batch_size=batch))
+    store, pkey = checkpoint if checkpoint is not None else (None, None)
+    old = store.entries.get(pkey) if store is not None else None
+    resume = old is not None and old.get("dtype") == dtype_name and len(old["estimates"]) < B
+    done = [np.asarray(e) for e in old["estimates"]] if resume else []
+    run_total, compile_s, compiled = (old["run_s_total"] if resume else 0.0), 0.0, {}
     try:
-        t0 = time.perf_counter()
-        compiled = fn.lower(params).compile()
-        compile_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        est = np.asarray(jax.block_until_ready(compiled(params)))
-        run_s = (time.perf_counter() - t0) / B
+        for i in range(len(done), B, batch):
+            part = jax.tree_util.tree_map(lambda x: x[i:i + batch], params)
+            size = min(batch, B - i)
+            if size not in compiled:
+                t0 = time.perf_counter()
+                compiled[size] = fn.lower(part).compile()
+                compile_s += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            done.extend(np.asarray(jax.block_until_ready(compiled[size](part))))
+            run_total += time.perf_counter() - t0
+            if store is not None and len(done) < B:
+                store.put(pkey, dict(status="partial", dtype=dtype_name, run_s_total=run_total,
+                                     estimates=[e.tolist() for e in done]))
+        est = np.stack(done)
         single = jax.tree_util.tree_map(lambda x: x[0], params)
         if cfg.get("xla_flops", True):  # analytic count beside XLA's count of the unrolled program
             report = flops.estimator_flop_report(single, spec.activations, mean, cov, config)
@@ -151,9 +167,11 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig) -> dict:
         if "RESOURCE_EXHAUSTED" not in str(e):
             raise
         return dict(status="skipped", reason=f"out of memory at run time: {str(e)[:300]}")
+    if store is not None:
+        store.entries.pop(pkey, None)
     if not np.all(np.isfinite(est)):
         return dict(status="failed", reason="non-finite estimate")
-    return dict(status="ok", estimates=est, flops=fl, flop_report=report, run_s=run_s, compile_s=compile_s,
+    return dict(status="ok", estimates=est, flops=fl, flop_report=report, run_s=run_total / B, compile_s=compile_s,
                 vmap_batch=batch, dtype=dtype_name)
 
 
@@ -182,7 +200,7 @@ def evaluate(store: ResultStore, key: str, cfg, spec, params, truth, config, red
         return old
     r = None if estimates is None or redo else estimates.entries.get(key)
     if r is None or r.get("status") != "ok":
-        r = run_variant(cfg, spec, params, config)
+        r = run_variant(cfg, spec, params, config, None if estimates is None else (estimates, f"{key}#partial"))
         if estimates is not None:
             estimates.put(key, dict(r, estimates=r["estimates"].tolist()) if r["status"] == "ok" else r)
     if truth is None:

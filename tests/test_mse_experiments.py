@@ -75,7 +75,7 @@ def test_mse_vs_flops_smoke_and_resume(tmp_path, monkeypatch):
     est_path.write_text(json.dumps(est))
     calls = []
     real = mvf.run_variant
-    monkeypatch.setattr(mvf, "run_variant", lambda *a: calls.append(a[-1].name) or real(*a))
+    monkeypatch.setattr(mvf, "run_variant", lambda *a: calls.append(a[3].name) or real(*a))
     resumed = mvf.main(args)
     assert calls == [missing.split("/")[1]]
     for key in (missing, rescored):
@@ -98,6 +98,39 @@ def test_refused_variant_is_skipped_with_reason(monkeypatch, tmp_path):
     r = mvf.evaluate(store, "relu/k4_simple_fac", cfg, spec, params, truth, cj.PropagationConfig(k_max=4, factored=True),
                      exclude="k4_.*fac")
     assert r["status"] == "skipped" and "excluded" in r["reason"] and store["relu/k4_simple_fac"] == r
+
+
+def test_interrupted_variant_resumes_after_its_finished_networks(monkeypatch, tmp_path):
+    # one network per group (tiny vmap budget): an interrupt after the first group keeps its
+    # estimate, and the rerun computes only the remaining networks, to the same result
+    cfg = dict(estimator_dtype="float64", vmap_bytes=1, xla_flops=False)
+    spec = mvf.make_spec(4, 2, "relu")
+    params = mvf.networks(dict(networks=3), spec)
+    config = cj.PropagationConfig(k_max=2, output_degree=1)
+    full = mvf.run_variant(cfg, spec, params, config)
+    assert full["status"] == "ok" and full["vmap_batch"] == 1 and full["estimates"].shape == (3, 4)
+    store = mvf.ResultStore(str(tmp_path / "est.json"))
+    real, calls = jax.block_until_ready, []
+
+    def interrupt_second(x):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(x)
+
+    with monkeypatch.context() as m:
+        m.setattr(jax, "block_until_ready", interrupt_second)
+        with pytest.raises(KeyboardInterrupt):
+            mvf.run_variant(cfg, spec, params, config, (store, "relu/k2#partial"))
+    saved = mvf.ResultStore(str(tmp_path / "est.json"))["relu/k2#partial"]
+    assert saved["status"] == "partial" and len(saved["estimates"]) == 1
+    calls.clear()
+    store = mvf.ResultStore(str(tmp_path / "est.json"))
+    with monkeypatch.context() as m:
+        m.setattr(jax, "block_until_ready", lambda x: calls.append(1) or real(x))
+        again = mvf.run_variant(cfg, spec, params, config, (store, "relu/k2#partial"))
+    assert len(calls) == 2 and "relu/k2#partial" not in store
+    np.testing.assert_allclose(again["estimates"], full["estimates"], rtol=1e-12, atol=0)
 
 
 def test_bad_configs_raise_before_work(tmp_path):
