@@ -188,13 +188,17 @@ def evaluate(store: ResultStore, key: str, cfg, spec, params, truth, config, red
              exclude=None) -> dict | None:
     """Score one variant against the truth, through the stores (skipped/failed entries are
     retried); with ``truth`` None only compute and store the estimates (returns None).
-    exclude: regex of keys not to run (recorded as skipped, e.g. variants too large for this machine)."""
-    if exclude and re.search(exclude, key):
-        r = dict(estimator=config.name, status="skipped", reason=f"excluded on the command line (--exclude {exclude!r})")
-        if truth is not None:
-            store.put(key, r)
-        return r if truth is not None else None
+    exclude: regex of keys not to run now (a stored score is kept; otherwise recorded as skipped,
+    e.g. variants too large for this machine, and run by a later call without it)."""
     old = store.entries.get(key)
+    if exclude and re.search(exclude, key):
+        if truth is None:
+            return None
+        if old is not None and old.get("status") == "ok":
+            return old
+        r = dict(estimator=config.name, status="skipped", reason=f"excluded on the command line (--exclude {exclude!r})")
+        store.put(key, r)
+        return r
     redo = bool(redo and re.search(redo, key))
     if truth is not None and old is not None and old.get("status") == "ok" and not redo:
         return old

@@ -98,6 +98,12 @@ def test_refused_variant_is_skipped_with_reason(monkeypatch, tmp_path):
     r = mvf.evaluate(store, "relu/k4_simple_fac", cfg, spec, params, truth, cj.PropagationConfig(k_max=4, factored=True),
                      exclude="k4_.*fac")
     assert r["status"] == "skipped" and "excluded" in r["reason"] and store["relu/k4_simple_fac"] == r
+    # ... but excluding a variant that already has a score keeps that score
+    ok = dict(estimator="k4_augment_fac", status="ok", mse=1.0)
+    store.put("relu/k4_augment_fac", ok)
+    r = mvf.evaluate(store, "relu/k4_augment_fac", cfg, spec, params, truth,
+                     cj.PropagationConfig(k_max=4, kind="augment", factored=True), exclude="k4_.*fac")
+    assert r == ok and mvf.ResultStore(str(tmp_path / "s.json"))["relu/k4_augment_fac"] == ok
 
 
 def test_interrupted_variant_resumes_after_its_finished_networks(monkeypatch, tmp_path):
