@@ -21,6 +21,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 _LETTERS = string.ascii_letters
@@ -35,10 +36,13 @@ def _rank_chunk(R: int, n: int) -> int:
     return n if R > n and R % n == 0 else R
 
 
-def contract(factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int], n: int, dtype) -> Array:
+def contract(factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int], n: int, dtype, memo: dict | None = None) -> Array:
     """``einsum`` of ``(array, labels)`` factors onto the labels ``out`` (summing the others);
-    output labels no factor carries are broadcast. Returns an ``(n,)*len(out)`` array."""
-    factors = [_take_diagonals(a, tuple(lab)) for a, lab in factors]
+    output labels no factor carries are broadcast. Returns an ``(n,)*len(out)`` array.
+    memo: a dict shared by the contractions of one step: one that equals an earlier one up to
+    renaming its labels and transposing its output is read back (e.g. the diagonals of a factored
+    network in a trace are transposed slices of the same tensor)."""
+    factors = [(a, tuple(lab)) for a, lab in factors]
     # Per-neuron vectors on free labels are applied to the result: inside the einsum they would
     # scale (and copy) the large rank-carrying factors first.
     post = [(a, lab[0]) for a, lab in factors if len(lab) == 1 and lab[0] in out and lab[0] >= 0]
@@ -46,20 +50,50 @@ def contract(factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int
         factors = [(a, lab) for a, lab in factors if not (len(lab) == 1 and lab[0] in out)]
     else:
         post = []
-    letter: dict[int, str] = {}
-    name = lambda l: letter.setdefault(l, _LETTERS[len(letter)])  # noqa: E731
     present = {l for _, labels in factors for l in labels}
-    subs = ",".join("".join(name(l) for l in labels) for _, labels in factors)
     kept = [l for l in out if l in present]
-    expr = subs + "->" + "".join(name(l) for l in kept)
     if not factors:
         res = jnp.ones((), dtype)
+    elif memo is None:
+        res = _einsum(factors, kept, n)
     else:
-        res = _summed_over_rank_blocks(expr, factors, n)
+        key, perm = _canonical(factors, kept)
+        if key not in memo:  # stored with its output in canonical order (and its arrays, so ids stay unique)
+            memo[key] = (jnp.transpose(_einsum(factors, kept, n), perm), [a for a, _ in factors])
+        res = jnp.transpose(memo[key][0], tuple(int(i) for i in np.argsort(perm)))
     res = jnp.reshape(res, [n if l in present else 1 for l in out])
     for v, l in post:
         res = res * jnp.reshape(v, [n if t == l else 1 for t in out])
     return jnp.broadcast_to(res, (n,) * len(out))
+
+
+def _einsum(factors, kept, n: int) -> Array:
+    factors = [_take_diagonals(a, lab) for a, lab in factors]
+    letter: dict[int, str] = {}
+    name = lambda l: letter.setdefault(l, _LETTERS[len(letter)])  # noqa: E731
+    subs = ",".join("".join(name(l) for l in labels) for _, labels in factors)
+    return _summed_over_rank_blocks(subs + "->" + "".join(name(l) for l in kept), factors, n)
+
+
+def _canonical(factors, kept) -> tuple[tuple, tuple[int, ...]]:
+    """A key equal for contractions equal up to renaming summed labels, the order of the factors
+    and a permutation of the output, and that permutation (canonical output axis i is ``kept[perm[i]]``).
+    (n, n, R) factors are symmetric in their two leading legs (every FactoredTensor part is)."""
+    best = None
+    for perm in itertools.permutations(range(len(kept))):
+        pos = {kept[p]: i for i, p in enumerate(perm)}
+        order = sorted(factors, key=lambda f: (id(f[0]), tuple(pos.get(l, -1) for l in f[1])))
+        summed: dict[int, int] = {}
+        key = []
+        for a, lab in order:
+            mapped = [pos[l] if l in pos else summed.setdefault(l, 100 + len(summed)) for l in lab]
+            if a.ndim == 3 and lab[-1] >= _RANK:
+                mapped[:2] = sorted(mapped[:2])
+            key.append((id(a), tuple(mapped)))
+        key = (len(kept), tuple(key))
+        if best is None or key < best[0]:
+            best = (key, perm)
+    return best
 
 
 def _summed_over_rank_blocks(expr: str, factors, n: int) -> Array:
@@ -193,14 +227,14 @@ class FactoredTensor:
             parts.append(p * coef if i == 0 else p)
         return FactoredTensor(parts, self.legs, self.n)
 
-    def slice(self, pattern: Sequence[int]) -> Array:
+    def slice(self, pattern: Sequence[int], memo: dict | None = None) -> Array:
         """Entries at distinct neurons repeated ``pattern`` times: ``(n,)*len(pattern)``
-        (coincident entries hold the tensor's values there, not zeros). O(n^m R)."""
+        (coincident entries hold the tensor's values there, not zeros). O(n^m R). memo: see :func:`contract`."""
         m = len(pattern)
         perms, classes = _assignment_classes(self.legs, tuple(pattern))
         total = 0.0
         for w, labels in classes:
-            total = total + w * contract([(p, lab + (_RANK,)) for p, lab in zip(self.parts, labels)], range(m), self.n, self.parts[0].dtype)
+            total = total + w * contract([(p, lab + (_RANK,)) for p, lab in zip(self.parts, labels)], range(m), self.n, self.parts[0].dtype, memo)
         return sum(jnp.transpose(total, p) for p in perms) / len(perms) if len(perms) > 1 else total
 
     def dense(self) -> Array:
@@ -273,13 +307,13 @@ class Net:
                 reps[best] = [c, fs]
         return Net(self.m, [(c, fs) for c, fs in reps.values()])
 
-    def contract(self, out: Sequence[int], n: int, dtype) -> Array:
+    def contract(self, out: Sequence[int], n: int, dtype, memo: dict | None = None) -> Array:
         total = jnp.zeros((n,) * len(out), dtype)
         for c, fs in self.terms:
-            total = total + c * contract([(a, lab) for a, lab, _ in fs], out, n, dtype)
+            total = total + c * contract([(a, lab) for a, lab, _ in fs], out, n, dtype, memo)
         return total
 
-    def masked_sum_last(self, n: int, dtype, perms=None) -> Array:
+    def masked_sum_last(self, n: int, dtype, perms=None, memo: dict | None = None) -> Array:
         """``out[i_0..i_{m-2}] = sum_{i_{m-1}} x[i]`` over ``i_{m-1}`` distinct from the free
         indices: the full sum minus the terms where the summed index equals a free one (valid
         where the free indices are distinct; the caller zeroes the rest). With ``perms`` (a
@@ -292,8 +326,8 @@ class Net:
             diagonals = diagonals + self.relabel({m - 1: a})
         if perms is not None:  # the caller symmetrises over these permutations of free slots
             full = [tuple(p) + (m - 1,) for p in perms]
-            return self.merged(full).contract(out, n, dtype) - diagonals.merged(full).contract(out, n, dtype)
-        return self.contract(out, n, dtype) - diagonals.contract(out, n, dtype)
+            return self.merged(full).contract(out, n, dtype, memo) - diagonals.merged(full).contract(out, n, dtype, memo)
+        return self.contract(out, n, dtype, memo) - diagonals.contract(out, n, dtype, memo)
 
 
 def refactor(slices: dict[tuple[int, ...], Array], k: int, n: int, dtype) -> FactoredTensor:

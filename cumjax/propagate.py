@@ -384,6 +384,7 @@ class _FactoredStep(_NonlinearStep):
         super().__init__(tower, activation, config)
         self.k = config.k_max
         self.top = (1,) * self.k
+        self.memo: dict = {}  # contractions of this step, shared between slices and traces
 
     def block(self, pattern):
         t = self.tower[sum(pattern)]
@@ -393,7 +394,7 @@ class _FactoredStep(_NonlinearStep):
         # One O(n^m R) slice per multiset of multiplicities; other orders are transposes of it.
         pattern = tuple(pattern)
         srt = tuple(sorted(pattern, reverse=True))
-        full = self._cached(("b", srt), lambda: t.slice(srt))
+        full = self._cached(("b", srt), lambda: t.slice(srt, self.memo))
         return full if srt == pattern else self._cached(("b", pattern), lambda: _sorted_view(lambda _: full, pattern))
 
     def power_cumulant(self, alpha):
@@ -475,28 +476,49 @@ class _FactoredStep(_NonlinearStep):
         """All-distinct slice of the new top cumulant (= its power cumulant) in factored form."""
 
         def build():
-            k, n = self.k, self.n
-            # Isomorphic diagrams contribute the same symmetrised term: keep one per class.
-            direct = []  # the input's own top block, scaled on every leg
-            groups: dict = {}  # leaf factor key -> (E factors, summed X)
-            for coef, blocks in _diagram_classes(self.top, k, self.cfg.kind, self.degrees):
-                orders = tuple(sum(v[j] for v in blocks) for j in range(k))
-                if len(blocks) == 1 and isinstance(self.tower[k], FactoredTensor) and blocks[0] == self.top:
-                    direct.append(self.tower[k].scale_legs(self.wick(1, 1), coef))
-                    continue
-                term = self.wick_net(orders, self.top) * coef
-                for v in blocks:
-                    term = term * self.block_net(v)
-                for c, fs in term.terms:
-                    self._add_leaf_term(groups, c, fs)
-            out = [from_leaf_groups([(contract(E, (0, 1), n, self.mean.dtype), X) for E, X in groups.values()], k, n)] if groups else []
-            out = direct + out
+            coefs, leaves = self._top_parts()
+            out = [self.tower[self.k].scale_legs(self.wick(1, 1), c) for c in coefs] + ([leaves] if leaves else [])
             res = out[0]
             for f in out[1:]:
                 res = res.concat(f)
             return res
 
         return self._cached(("top",), build)
+
+    def top_slice(self, pattern) -> Array:
+        """``top_factored().slice(pattern)``, with the input's scaled top block read from the
+        cached input slice (``block``) instead of contracted again over its ranks."""
+        coefs, leaves = self._top_parts()
+        total = leaves.slice(pattern) if leaves else 0.0
+        if coefs:
+            w = self.wick(1, 1)
+            scale = math.prod(jnp.reshape(w ** c, [self.n if t == j else 1 for t in range(len(pattern))]) for j, c in enumerate(pattern))
+            total = total + sum(coefs) * self.block(tuple(pattern)) * scale
+        return total
+
+    def _top_parts(self) -> tuple[list[float], FactoredTensor | None]:
+        """The new top cumulant as ``Sym(sum_c c * input top scaled by wick(1, 1) on every leg)``
+        (its coefficients ``c``) plus the rank-n leaf groups of the other diagrams (or None)."""
+
+        def build():
+            k, n = self.k, self.n
+            # Isomorphic diagrams contribute the same symmetrised term: keep one per class.
+            coefs = []  # the input's own top block, scaled on every leg
+            groups: dict = {}  # leaf factor key -> (E factors, summed X)
+            for coef, blocks in _diagram_classes(self.top, k, self.cfg.kind, self.degrees):
+                orders = tuple(sum(v[j] for v in blocks) for j in range(k))
+                if len(blocks) == 1 and isinstance(self.tower[k], FactoredTensor) and blocks[0] == self.top:
+                    coefs.append(coef)
+                    continue
+                term = self.wick_net(orders, self.top) * coef
+                for v in blocks:
+                    term = term * self.block_net(v)
+                for c, fs in term.terms:
+                    self._add_leaf_term(groups, c, fs)
+            leaves = from_leaf_groups([(contract(E, (0, 1), n, self.mean.dtype), X) for E, X in groups.values()], k, n) if groups else None
+            return coefs, leaves
+
+        return self._cached(("top parts",), build)
 
     def _add_leaf_term(self, groups, c, fs):
         """Split a hypertree term at a leaf slot i (all its factors within one pair {i, j}):
@@ -546,7 +568,7 @@ class _FactoredStep(_NonlinearStep):
             net = self.cumulant_net(tuple(last[s] for s in order)).relabel({t: order[t] for t in range(m + 1)})
             # power_net kept one diagram per class of equal-power slots: symmetrise over them.
             perms = [p for p in itertools.permutations(range(m)) if all(beta[p[s]] == beta[s] for s in range(m))]
-            summed = net.masked_sum_last(self.n, self.mean.dtype, perms)
+            summed = net.masked_sum_last(self.n, self.mean.dtype, perms, self.memo)
             summed = sum(jnp.transpose(summed, p) for p in perms) / len(perms)
             return total + _zero_coincident(summed)
 
@@ -555,11 +577,10 @@ class _FactoredStep(_NonlinearStep):
     def output_degree(self, d, r):
         if d != self.k:
             return super().output_degree(d, r)
-        top = self.top_factored()
         # Non-top slices: the true dense ones minus what the factored top already puts there,
         # re-factored (rank n) and appended.
-        slices = {beta: _zero_coincident(self.cumulant(beta) - top.slice(beta)) for beta in dg.int_partitions(d) if beta != self.top}
-        return top.concat(refactor(slices, d, self.n, self.mean.dtype))
+        slices = {beta: _zero_coincident(self.cumulant(beta) - self.top_slice(beta)) for beta in dg.int_partitions(d) if beta != self.top}
+        return self.top_factored().concat(refactor(slices, d, self.n, self.mean.dtype))
 
 
 # ----------------------------------------------------------------------------- driver

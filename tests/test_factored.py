@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cumjax.factored import FactoredTensor, refactor
+from cumjax import factored
+from cumjax.factored import FactoredTensor, contract, refactor
 from cumjax.propagate import PropagationConfig, estimate_mean, estimated_bytes, factored_ranks, propagate
 
 prop = importlib.import_module("cumjax.propagate")  # the package re-exports a function of that name
@@ -108,6 +109,25 @@ def test_factored_slices_linear_step_and_refactor(k):
     np.testing.assert_allclose(G.slice((1,) * k) * (np.asarray(prop._zero_coincident(jnp.ones((n,) * k)))), 0.0, atol=1e-12)
     for p in pats:
         np.testing.assert_allclose(zero(G.slice(p)), slices[p], rtol=1e-11, atol=1e-12)
+
+
+def test_contract_memo_reads_back_only_equal_contractions():
+    n, R, r = 4, 3, factored._RANK
+    u, v, B = _random_factored(4, n, R, jax.random.PRNGKey(3)).parts
+    memo = {}
+    a = contract([(u, (0, r)), (v, (1, r)), (B, (0, 2, r))], (0, 1, 2), n, jnp.float64, memo)
+    np.testing.assert_allclose(a, np.einsum("ir,jr,ilr->ijl", u, v, B), rtol=1e-12)
+    # the same contraction with other labels, factor order, output order and B's (symmetric) legs
+    # swapped: read back, transposed
+    b = contract([(B, (7, 5, r + 3)), (v, (6, r + 3)), (u, (5, r + 3))], (6, 7, 5), n, jnp.float64, memo)
+    assert len(memo) == 1
+    np.testing.assert_allclose(b, np.einsum("ir,jr,ilr->jli", u, v, B), rtol=1e-12)
+    # u and v exchanged, or a diagonal of B: different contractions, computed
+    c = contract([(u, (1, r)), (v, (0, r)), (B, (0, 2, r))], (0, 1, 2), n, jnp.float64, memo)
+    d = contract([(u, (1, r)), (v, (2, r)), (B, (0, 0, r))], (0, 1, 2), n, jnp.float64, memo)
+    assert len(memo) == 3
+    np.testing.assert_allclose(c, np.einsum("jr,ir,ilr->ijl", u, v, B), rtol=1e-12)
+    np.testing.assert_allclose(d, np.einsum("jr,lr,iir->ijl", u, v, B), rtol=1e-12)
 
 
 # ----------------------------------------------------------------------------- transformations
