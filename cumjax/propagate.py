@@ -737,10 +737,10 @@ def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, item
     # jit, so the two layers before it are the largest live ones.
     live_ranks = ranks[-2:] if everything or len(ranks) < 2 else ranks[-3:-1]
     # Input, output and working copies of the factors (contractions are summed over blocks of n
-    # ranks, so their temporaries are small). k = 4, width 256, 5 layers, float32: XLA's buffer
-    # assignment 10.0 GB augment (model 10.7), peak RSS 4.5 / 11.8 GB simple / augment.
+    # ranks, so their temporaries are small). k = 4, 5 layers, float32: XLA's buffer assignment
+    # 11.8 / 1.48 GB augment at width 256 / 128 (model 11.9 / 1.49), 1.8 GB simple at 256.
     live = (4 if k == 4 else 3 if config.kind == "simple" else 6) * part * sum(live_ranks)
-    dense = (24 if config.kind == "augment" else 12) * n ** (k - 1)
+    dense = (40 if config.kind == "augment" else 12) * n ** (k - 1)
     stored = 2 * part * sum(ranks) if everything else 0
     return int((live + dense + stored + num_layers * n * n) * itemsize)
 
