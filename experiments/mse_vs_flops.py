@@ -137,10 +137,16 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None
     fn = jax.jit(lambda ps: jax.lax.map(one, ps, batch_size=batch))
     store, pkey = checkpoint if checkpoint is not None else (None, None)
     old = store.entries.get(pkey) if store is not None else None
-    resume = old is not None and old.get("dtype") == dtype_name and len(old["estimates"]) < B
+    resume = old is not None and old.get("dtype") == dtype_name and len(old["estimates"]) <= B
     done = [np.asarray(e) for e in old["estimates"]] if resume else []
     run_total, compile_s, compiled = (old["run_s_total"] if resume else 0.0), 0.0, {}
     try:
+        single = jax.tree_util.tree_map(lambda x: x[0], params)
+        # FLOPs first: tracing meets the memory guard while this process holds nothing yet
+        if cfg.get("xla_flops", True):  # analytic count beside XLA's count of the unrolled program
+            report = flops.estimator_flop_report(single, spec.activations, mean, cov, config)
+        else:
+            report = dict(analytic=cj.estimator_flops(single, spec.activations, mean, cov, config))
         for i in range(len(done), B, batch):
             part = jax.tree_util.tree_map(lambda x: x[i:i + batch], params)
             size = min(batch, B - i)
@@ -151,15 +157,10 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None
             t0 = time.perf_counter()
             done.extend(np.asarray(jax.block_until_ready(compiled[size](part))))
             run_total += time.perf_counter() - t0
-            if store is not None and len(done) < B:
-                store.put(pkey, dict(status="partial", dtype=dtype_name, run_s_total=run_total,
+            if store is not None:
+                store.put(pkey, dict(status="partial", dtype=dtype_name, run_s_total=run_total, compile_s=compile_s,
                                      estimates=[e.tolist() for e in done]))
         est = np.stack(done)
-        single = jax.tree_util.tree_map(lambda x: x[0], params)
-        if cfg.get("xla_flops", True):  # analytic count beside XLA's count of the unrolled program
-            report = flops.estimator_flop_report(single, spec.activations, mean, cov, config)
-        else:
-            report = dict(analytic=cj.estimator_flops(single, spec.activations, mean, cov, config))
         fl = report["analytic"]
     except (MemoryError, NotImplementedError) as e:
         return dict(status="skipped", reason=f"{type(e).__name__}: {e}")
@@ -171,6 +172,7 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None
         store.entries.pop(pkey, None)
     if not np.all(np.isfinite(est)):
         return dict(status="failed", reason="non-finite estimate")
+    compile_s = compile_s or (old.get("compile_s", 0.0) if resume else 0.0)  # nothing left to compile: the earlier run's
     return dict(status="ok", estimates=est, flops=fl, flop_report=report, run_s=run_total / B, compile_s=compile_s,
                 vmap_batch=batch, dtype=dtype_name)
 
