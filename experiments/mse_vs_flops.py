@@ -120,9 +120,9 @@ def estimator_dtype(cfg, config: cj.PropagationConfig) -> str:
 def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None) -> dict:
     """Estimates (B, n) of one variant for every network, its FLOPs and times; or
     ``{"status": "skipped", "reason": ...}`` when the memory guard refuses it.
-    checkpoint: ``(store, key)``: when the networks run in several groups (those too large to vmap
-    together), the estimates of the finished groups are saved under ``key + "#partial"`` and a rerun
-    starts after them (an interrupted hour-long variant loses at most one group)."""
+    checkpoint: ``(store, key)``: the estimates of every finished group of networks (one network
+    per group where they are too large to vmap together) are saved under ``key + "#partial"`` and a
+    rerun starts after them (an interrupted hour-long variant loses at most one group)."""
     dtype_name = estimator_dtype(cfg, config)
     dtype = DTYPES[dtype_name]
     w = spec.input_dim
@@ -172,7 +172,8 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None
         store.entries.pop(pkey, None)
     if not np.all(np.isfinite(est)):
         return dict(status="failed", reason="non-finite estimate")
-    compile_s = compile_s or (old.get("compile_s", 0.0) if resume else 0.0)  # nothing left to compile: the earlier run's
+    if resume and not compiled:  # every network was done before: report that run's compile time
+        compile_s = old.get("compile_s", 0.0)
     return dict(status="ok", estimates=est, flops=fl, flop_report=report, run_s=run_total / B, compile_s=compile_s,
                 vmap_batch=batch, dtype=dtype_name)
 
