@@ -117,6 +117,17 @@ def estimator_dtype(cfg, config: cj.PropagationConfig) -> str:
     return cfg.get("estimator_dtypes", {}).get(config.name, cfg.get("estimator_dtype", "float64"))
 
 
+def flop_report(cfg, spec, params, config: cj.PropagationConfig) -> dict:
+    """FLOPs of one estimate (network 0 of ``params``): the analytic count beside XLA's count of
+    the unrolled program (``xla_flops``, default true), or the analytic count alone."""
+    dtype = DTYPES[estimator_dtype(cfg, config)]
+    single = jax.tree_util.tree_map(lambda x: jnp.asarray(x[0], dtype), params)
+    mean, cov = jnp.zeros(spec.input_dim, dtype), jnp.eye(spec.input_dim, dtype=dtype)
+    if cfg.get("xla_flops", True):
+        return flops.estimator_flop_report(single, spec.activations, mean, cov, config)
+    return dict(analytic=cj.estimator_flops(single, spec.activations, mean, cov, config))
+
+
 def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None) -> dict:
     """Estimates (B, n) of one variant for every network, its FLOPs and times; or
     ``{"status": "skipped", "reason": ...}`` when the memory guard refuses it.
@@ -141,12 +152,7 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None
     done = [np.asarray(e) for e in old["estimates"]] if resume else []
     run_total, compile_s, compiled = (old["run_s_total"] if resume else 0.0), 0.0, {}
     try:
-        single = jax.tree_util.tree_map(lambda x: x[0], params)
-        # FLOPs first: tracing meets the memory guard while this process holds nothing yet
-        if cfg.get("xla_flops", True):  # analytic count beside XLA's count of the unrolled program
-            report = flops.estimator_flop_report(single, spec.activations, mean, cov, config)
-        else:
-            report = dict(analytic=cj.estimator_flops(single, spec.activations, mean, cov, config))
+        report = flop_report(cfg, spec, params, config)  # first: its trace meets the memory guard while this process holds nothing yet
         for i in range(len(done), B, batch):
             part = jax.tree_util.tree_map(lambda x: x[i:i + batch], params)
             size = min(batch, B - i)
@@ -188,11 +194,13 @@ def estimates_store(path: str, cfg: dict) -> ResultStore:
 
 
 def evaluate(store: ResultStore, key: str, cfg, spec, params, truth, config, redo=None, estimates=None,
-             exclude=None) -> dict | None:
+             exclude=None, recount=None) -> dict | None:
     """Score one variant against the truth, through the stores (skipped/failed entries are
     retried); with ``truth`` None only compute and store the estimates (returns None).
     exclude: regex of keys not to run now (a stored score is kept; otherwise recorded as skipped,
-    e.g. variants too large for this machine, and run by a later call without it)."""
+    e.g. variants too large for this machine, and run by a later call without it).
+    recount: regex of keys whose stored estimates are kept and rescored with a fresh FLOP report
+    (for a change to the code's cost that leaves its results alone)."""
     old = store.entries.get(key)
     if exclude and re.search(exclude, key):
         if truth is None:
@@ -203,10 +211,16 @@ def evaluate(store: ResultStore, key: str, cfg, spec, params, truth, config, red
         store.put(key, r)
         return r
     redo = bool(redo and re.search(redo, key))
-    if truth is not None and old is not None and old.get("status") == "ok" and not redo:
+    recount = bool(recount and re.search(recount, key))
+    if truth is not None and old is not None and old.get("status") == "ok" and not (redo or recount):
         return old
     r = None if estimates is None or redo else estimates.entries.get(key)
-    if r is None or r.get("status") != "ok":
+    if recount and r is not None and r.get("status") == "ok":
+        report = flop_report(cfg, spec, params, config)
+        r = dict(r, flops=report["analytic"], flop_report=report)
+        estimates.put(key, r)
+        r = dict(r, estimates=np.asarray(r["estimates"]))
+    elif r is None or r.get("status") != "ok":
         r = run_variant(cfg, spec, params, config, None if estimates is None else (estimates, f"{key}#partial"))
         if estimates is not None:
             estimates.put(key, dict(r, estimates=r["estimates"].tolist()) if r["status"] == "ok" else r)
@@ -282,7 +296,8 @@ def main(argv=None) -> dict:
     p.add_argument("--out", default="results")
     p.add_argument("--activations", default=None, help="comma-separated subset of the config's activations")
     p.add_argument("--redo", default=None, help="regex: recompute the variants whose key matches")
-    p.add_argument("--exclude", default=None, help="regex: variants not to run (recorded as skipped)")
+    p.add_argument("--exclude", default=None, help="regex: variants not to run now (recorded as skipped unless scored)")
+    p.add_argument("--recount", default=None, help="regex: rescore stored estimates with a fresh FLOP count")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--estimates-only", action="store_true", help="compute and store the estimates, no ground truth")
     p.add_argument("--truth-blocks", type=int, default=None,
@@ -331,7 +346,8 @@ def main(argv=None) -> dict:
               f"output variance {t['output_variance']:.4f}, forward FLOPs {cj.forward_flops(spec):.3e}")
         rows = []
         for config in variants(cfg):
-            rows.append(evaluate(store, f"{act}/{config.name}", cfg, spec, params, truth, config, args.redo, est, args.exclude))
+            rows.append(evaluate(store, f"{act}/{config.name}", cfg, spec, params, truth, config, args.redo, est, args.exclude,
+                                 args.recount))
             print("  " + fmt_row(rows[-1]), flush=True)
         summary[act] = dict(width=cfg["width"], layers=cfg["layers"], networks=cfg["networks"], gt_samples=n,
                             noise_floor=t["noise_floor"], output_variance=t["output_variance"],
