@@ -486,8 +486,13 @@ class _FactoredStep(_NonlinearStep):
         return self._cached(("top",), build)
 
     def top_slice(self, pattern) -> Array:
-        """``top_factored().slice(pattern)``, with the input's scaled top block read from the
-        cached input slice (``block``) instead of contracted again over its ranks."""
+        """``top_factored().slice(pattern)``. Augment's k-slot traces contract the new top itself,
+        so there its slices share their contractions through the memo (k4 augment at width 256:
+        4.14e12 FLOPs against 4.76e12 the other way); simple reads the input's scaled top block
+        from the cached input slice (``block``) instead of contracting it again over its ranks
+        (k4 simple: 6.08e11 against 8.16e11)."""
+        if self.cfg.kind == "augment":
+            return self.top_factored().slice(pattern, self.memo)
         coefs, leaves = self._top_parts()
         total = leaves.slice(pattern) if leaves else 0.0
         if coefs:
@@ -578,13 +583,8 @@ class _FactoredStep(_NonlinearStep):
         if d != self.k:
             return super().output_degree(d, r)
         # Non-top slices: the true dense ones minus what the factored top already puts there,
-        # re-factored (rank n) and appended. Augment's k-slot traces contract the new top itself,
-        # so its slices share their contractions through the memo (k4 augment at width 256: 4.14e12
-        # FLOPs against 4.76e12 with top_slice); simple reads the input's part from the cached
-        # blocks (top_slice; k4 simple: 6.08e11 against 8.16e11).
-        shared = self.cfg.kind == "augment"
-        top_slice = (lambda beta: self.top_factored().slice(beta, self.memo)) if shared else self.top_slice
-        slices = {beta: _zero_coincident(self.cumulant(beta) - top_slice(beta)) for beta in dg.int_partitions(d) if beta != self.top}
+        # re-factored (rank n) and appended.
+        slices = {beta: _zero_coincident(self.cumulant(beta) - self.top_slice(beta)) for beta in dg.int_partitions(d) if beta != self.top}
         return self.top_factored().concat(refactor(slices, d, self.n, self.mean.dtype))
 
 
