@@ -12,13 +12,14 @@ Vocabulary (all objects are plain tuples so they can key caches):
   cumulant ``cum(phi(Z_i1)^a_1, ..., phi(Z_im)^a_m)`` around the product Gaussian with the same
   per-neuron means and variances.
 """
+
 from __future__ import annotations
 
 import itertools
 import math
 from collections import Counter
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache
 from typing import NamedTuple
 
 Vec = tuple[int, ...]
@@ -70,18 +71,16 @@ def slice_allowed(alpha: Vec, k: int) -> bool:
     return sum((a + 1) // 2 for a in alpha) <= k
 
 
-@lru_cache(maxsize=None)
+@cache
 def int_partitions(d: int, largest: int | None = None) -> tuple[Vec, ...]:
     """Integer partitions of ``d`` with parts in decreasing order."""
     largest = d if largest is None else largest
     if d == 0:
         return ((),)
-    return tuple(
-        (p,) + rest for p in range(min(d, largest), 0, -1) for rest in int_partitions(d - p, p)
-    )
+    return tuple((p,) + rest for p in range(min(d, largest), 0, -1) for rest in int_partitions(d - p, p))
 
 
-@lru_cache(maxsize=None)
+@cache
 def set_partitions(n: int) -> tuple[tuple[tuple[int, ...], ...], ...]:
     """All set partitions of ``range(n)``; blocks are sorted tuples, ordered by first element."""
     if n == 0:
@@ -140,7 +139,7 @@ def factored_keeps(k: int, alpha: Vec, blocks: tuple[Vec, ...]) -> bool:
     return len(blocks) == 1 or (1,) * k not in blocks
 
 
-@lru_cache(maxsize=None)
+@cache
 def _candidate_blocks(m: int, budget: int) -> tuple[Vec, ...]:
     """Blocks that may appear in a diagram on ``m`` slots: single-slot blocks of degree <= 2 are
     excluded (the reference Gaussian absorbs means and variances), and every block has cost >= 1,
@@ -169,10 +168,8 @@ class Diagram(NamedTuple):
     orders: Vec  # derivative order k_j on each slot: sum of the blocks
 
 
-@lru_cache(maxsize=None)
-def diagrams(
-    alpha: Vec, k: int, kind: str, degrees: frozenset[int], factored: bool = False
-) -> tuple[Diagram, ...]:
+@cache
+def diagrams(alpha: Vec, k: int, kind: str, degrees: frozenset[int], factored: bool = False) -> tuple[Diagram, ...]:
     """Every admitted diagram of the power-cumulant slice ``alpha`` (one term per diagram).
 
     Admitted: connected over the slots, total cost <= k-1 (simple) or <= k (augment), and every
@@ -205,7 +202,7 @@ def output_slices(k: int, kind: str) -> tuple[Vec, ...]:
 # ----------------------------------------------------------------------------- power cumulants -> cumulants
 
 
-@lru_cache(maxsize=None)
+@cache
 def cumulant_from_power_cumulants(alpha: Vec) -> tuple[tuple[float, tuple[Vec, ...]], ...]:
     """Express the cumulant slice ``alpha`` through joint cumulants of powers.
 
@@ -221,15 +218,12 @@ def cumulant_from_power_cumulants(alpha: Vec) -> tuple[tuple[float, tuple[Vec, .
     total: Counter = Counter()
     coef_cache: dict = {}
     for rho in set_partitions(len(copies)):
-        pieces = tuple(
-            sorted(tuple(sum(copies[p] == j for p in block) for j in range(m)) for block in rho)
-        )
+        pieces = tuple(sorted(tuple(sum(copies[p] == j for p in block) for j in range(m)) for block in rho))
         if pieces not in coef_cache:
             c = 0
             for tau in set_partitions(len(pieces)):
                 if all(
-                    len({j for i in group for j in _support(pieces[i])})
-                    == sum(len(_support(pieces[i])) for i in group)
+                    len({j for i in group for j in _support(pieces[i])}) == sum(len(_support(pieces[i])) for i in group)
                     for group in tau
                 ):
                     c += (-1) ** (len(tau) - 1) * math.factorial(len(tau) - 1)
@@ -241,7 +235,7 @@ def cumulant_from_power_cumulants(alpha: Vec) -> tuple[tuple[float, tuple[Vec, .
 # ----------------------------------------------------------------------------- radial (harmonic) tensors
 
 
-@lru_cache(maxsize=None)
+@cache
 def radial_slice_terms(
     pattern: Vec, r: int, full_metric: bool
 ) -> tuple[tuple[float, Vec, tuple[tuple[int, int], ...]], ...]:
@@ -277,7 +271,7 @@ def radial_slice_terms(
     return tuple(out)
 
 
-@lru_cache(maxsize=None)
+@cache
 def radial_core_coefs(n: int, d: int, r: int) -> tuple[float, ...]:
     """Coefficients ``c_j`` (``j = r..d//2``) with ``core = sum_j c_j R^{j-r} tr^j T`` giving
     ``R^r core = P_{>=r} T``: the components of radial index >= r of a symmetric degree-d tensor.

@@ -15,6 +15,7 @@ Network ``i`` uses ``jax.random.split(PRNGKey(seed), B)[i]`` and sample ``j`` of
 rounding. With a ``mesh`` the network axis is split over its devices (``jax.shard_map``; the
 networks are padded to a multiple of the device count), with the same keys and samples.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,9 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import _sampling as smp
 from . import montecarlo as mc
+from ._io import atomic_write
+from .gaussian import Gaussian
 from .mlp import MLPSpec
-from .results import _atomic
 
 _VERSION = 1  # bump when the file layout or the sampling changes
 
@@ -60,17 +63,33 @@ def make_plan(num_samples: int, chunk_size: int | None = None, block_chunks: int
     return GroundTruthPlan(int(num_samples), chunk, block_chunks)
 
 
-def cache_key(batched_params, spec: MLPSpec, mean, cov, num_samples: int, seed: int, dtype, plan: GroundTruthPlan,
-              second_moments: bool) -> str:
+def cache_key(
+    batched_params,
+    spec: MLPSpec,
+    gaussian: Gaussian,
+    num_samples: int,
+    seed: int,
+    dtype,
+    plan: GroundTruthPlan,
+    second_moments: bool,
+) -> str:
     """Hex digest naming a ground truth: params bytes (with shapes and dtypes), spec, input, sample
     count, seed, forward dtype, accumulation dtype, block layout and whether E[x x^T] is kept."""
     h = hashlib.sha256()
     acc = "f64" if jax.config.jax_enable_x64 else "f32"
-    h.update(repr((_VERSION, spec, int(num_samples), int(seed), str(jnp.dtype(dtype)), acc, plan, bool(second_moments))).encode())
+    h.update(
+        repr(
+            (_VERSION, spec, int(num_samples), int(seed), str(jnp.dtype(dtype)), acc, plan, bool(second_moments))
+        ).encode()
+    )
     leaves = jax.tree_util.tree_leaves_with_path(batched_params)
+    mean = jnp.asarray(gaussian.mean, dtype)
+    cov = np.eye(spec.input_dim) if smp.is_identity(gaussian.cov) else jnp.asarray(gaussian.cov, jnp.result_type(float))
     for path, x in leaves + [("mean", mean), ("cov", cov)]:
         a = np.ascontiguousarray(np.asarray(x))
-        h.update(repr((jax.tree_util.keystr(path) if not isinstance(path, str) else path, a.shape, str(a.dtype))).encode())
+        h.update(
+            repr((jax.tree_util.keystr(path) if not isinstance(path, str) else path, a.shape, str(a.dtype))).encode()
+        )
         h.update(a.tobytes())
     return h.hexdigest()[:24]
 
@@ -80,8 +99,18 @@ def cache_key(batched_params, spec: MLPSpec, mean, cov, num_samples: int, seed: 
 
 def _block_stats(keys, params, mean, factor, first, stop, *, spec, plan, second_moments):
     """Statistics of samples ``first <= j < stop`` for every network: vmap of the sampler's stream."""
-    stream = lambda key, p: mc._stream(key, p, spec, mean, factor, first, stop, plan.block_chunks, plan.chunk,  # noqa: E731
-                                       second_moments)
+    stream = lambda key, p: mc._stream(
+        key,
+        p,
+        spec,
+        mean,
+        factor,
+        first,
+        stop,
+        plan.block_chunks,
+        plan.chunk,  # noqa: E731
+        second_moments,
+    )
     return jax.vmap(stream)(keys, params)
 
 
@@ -98,7 +127,7 @@ def _step(state, keys, params, mean, factor, first, stop, *, spec, plan, second_
 
 
 def _empty_state(spec, num_networks, second_moments):
-    acc = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    acc = smp.accumulation_dtype()
     one = mc._empty(spec, second_moments, acc)
     return jax.tree_util.tree_map(lambda x: jnp.zeros((num_networks,) + x.shape, x.dtype), one)
 
@@ -116,7 +145,7 @@ def _save(path, state: mc._Stats, blocks_done: int, key: str) -> None:
         with open(tmp, "wb") as f:
             np.savez(f, **arrays)
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
 def _load(path, template: mc._Stats, key: str):
@@ -126,8 +155,13 @@ def _load(path, template: mc._Stats, key: str):
     with np.load(path) as z:
         if str(z["key"]) != key:
             return None
-        field = lambda name: None if getattr(template, name) is None else {  # noqa: E731
-            k: jnp.asarray(z[f"{name}/{k}"]) for k in getattr(template, name)}
+        field = lambda name: (
+            None
+            if getattr(template, name) is None
+            else {  # noqa: E731
+                k: jnp.asarray(z[f"{name}/{k}"]) for k in getattr(template, name)
+            }
+        )
         state = mc._Stats(jnp.asarray(z["count"]), field("mean"), field("m2"), field("second"))
         return state, int(z["blocks_done"])
 
@@ -135,13 +169,26 @@ def _load(path, template: mc._Stats, key: str):
 # ----------------------------------------------------------------------------- public
 
 
-def ground_truth(batched_params, spec: MLPSpec, mean, cov, num_samples: int, seed: int = 0, *,
-                 cache_dir: str | None = None, chunk_size: int | None = None, block_chunks: int = 16,
-                 all_layers: bool = False, second_moments: bool = False, dtype=jnp.float32,
-                 mesh: jax.sharding.Mesh | None = None, max_blocks: int | None = None,
-                 partial: bool = False, progress: bool = True) -> mc.MCResult | None:
+def ground_truth(
+    batched_params,
+    spec: MLPSpec,
+    gaussian: Gaussian,
+    num_samples: int,
+    seed: int = 0,
+    *,
+    cache_dir: str | None = None,
+    chunk_size: int | None = None,
+    block_chunks: int = 16,
+    all_layers: bool = False,
+    second_moments: bool = False,
+    dtype=jnp.float32,
+    mesh: jax.sharding.Mesh | None = None,
+    max_blocks: int | None = None,
+    partial: bool = False,
+    progress: bool = True,
+) -> mc.MCResult | None:
     """Monte Carlo statistics of ``B`` networks (``batched_params``: leaves with a leading axis B)
-    on the input ``N(mean (d,), cov (d, d))`` over ``num_samples`` samples each.
+    on the input ``gaussian`` over ``num_samples`` samples each.
 
     Returns an :class:`cumjax.MCResult` whose fields have a leading network axis: ``mean`` and
     ``sem`` (B, n) and, with ``second_moments``, ``second`` (B, n, n), for the output label
@@ -156,10 +203,9 @@ def ground_truth(batched_params, spec: MLPSpec, mean, cov, num_samples: int, see
         ``blocks_done * block`` of them; ``num_samples`` says how many) instead of None.
     """
     plan = make_plan(num_samples, chunk_size, block_chunks)
-    params, mean, cov = mc._prepare(batched_params, spec, mean, cov, dtype, batch_dims=1)
+    params, mean, factor = mc._prepare(batched_params, spec, gaussian, dtype, batch_dims=1)
     B = jax.tree_util.tree_leaves(params)[0].shape[0]
-    key = cache_key(params, spec, mean, np.eye(spec.input_dim) if cov is None else cov, num_samples, seed, dtype, plan,
-                    second_moments)
+    key = cache_key(params, spec, gaussian, num_samples, seed, dtype, plan, second_moments)
     path = None if cache_dir is None else os.path.join(cache_dir, f"gt_{key}.npz")
 
     keys = jax.random.split(jax.random.PRNGKey(seed), B)
@@ -180,14 +226,30 @@ def ground_truth(batched_params, spec: MLPSpec, mean, cov, num_samples: int, see
         state, done = loaded
         if pad:
             state = jax.tree_util.tree_map(lambda x: jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)]), state)
-    factor = None if cov is None else mc._input_factor(cov, mean.dtype)
     todo = plan.num_blocks - done if max_blocks is None else min(plan.num_blocks - done, max_blocks)
-    bar = tqdm(total=plan.num_blocks, initial=done, desc=f"ground truth {B} nets x {num_samples:.3g}", unit="block",
-               disable=not progress or todo == 0, leave=False)
+    bar = tqdm(
+        total=plan.num_blocks,
+        initial=done,
+        desc=f"ground truth {B} nets x {num_samples:.3g}",
+        unit="block",
+        disable=not progress or todo == 0,
+        leave=False,
+    )
     for b in range(done, done + todo):
         first, stop = b * plan.block, min((b + 1) * plan.block, plan.num_samples)
-        state = _step(state, keys, params, mean, factor, jnp.uint32(first), jnp.uint32(stop), spec=spec, plan=plan,
-                      second_moments=second_moments, mesh=mesh)
+        state = _step(
+            state,
+            keys,
+            params,
+            mean,
+            factor,
+            jnp.uint32(first),
+            jnp.uint32(stop),
+            spec=spec,
+            plan=plan,
+            second_moments=second_moments,
+            mesh=mesh,
+        )
         done = b + 1
         if path is not None:
             _save(path, jax.tree_util.tree_map(lambda x: x[:B], state), done, key)
@@ -205,41 +267,3 @@ def ground_truth(batched_params, spec: MLPSpec, mean, cov, num_samples: int, see
 def stack_networks(params_list):
     """Stack a list of param pytrees of one shape on a new leading network axis."""
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *params_list)
-
-
-def compare_to_truth(estimates, truth_mean, truth_sem, num_samples: int, flops: float, forward_flops: float,
-                     z: float = 2.0) -> dict:
-    """Score estimates of the output mean against a Monte Carlo ground truth, over B networks.
-
-    estimates, truth_mean, truth_sem: (B, n). Per network ``mse_i`` (per output coordinate),
-    ``floor_i = mean(sem^2)`` (the ground truth's own expected squared error) and ``excess_i =
-    mse_i - floor_i`` (an unbiased estimate of the estimator's squared error); ``var_i = floor_i N``
-    is the per-coordinate output variance. Means and standard errors are over networks.
-
-    ``resolved``: the excess stands above both the noise floor and ``z`` standard errors; then
-    ``ratio = var fwd / (excess flops)`` is the Monte Carlo FLOPs needed for the same MSE (at
-    ``forward_flops`` per sample) over the estimator's ``flops``, with a range from excess +- se.
-    Otherwise only ``mse_upper = max(excess + z se, floor)`` is known and ``ratio_lower`` is the
-    ratio at that bound.
-    """
-    est, gt, sem = (np.asarray(a, np.float64) for a in (estimates, truth_mean, truth_sem))
-    B = est.shape[0]
-    mse_i = np.mean((est - gt) ** 2, axis=-1)
-    floor_i = np.mean(sem ** 2, axis=-1)
-    excess_i = mse_i - floor_i
-    se = lambda x: float(np.std(x, ddof=1) / np.sqrt(B)) if B > 1 else float("nan")  # noqa: E731
-    excess, excess_se, floor = float(excess_i.mean()), se(excess_i), float(floor_i.mean())
-    var = float(floor_i.mean() * num_samples)
-    resolved = bool(excess > floor and excess > z * excess_se)
-    out = dict(mse=float(mse_i.mean()), mse_se=se(mse_i), noise_floor=floor, excess=excess, excess_se=excess_se,
-               output_variance=var, flops=float(flops), forward_flops=float(forward_flops), resolved=resolved,
-               mse_per_network=mse_i.tolist())
-    scale = var * forward_flops / flops  # ratio = scale / mse
-    if resolved:
-        lo = excess - excess_se
-        out.update(ratio=scale / excess, ratio_low=scale / (excess + excess_se), ratio_high=scale / lo if lo > 0 else float("inf"),
-                   mc_samples_to_match=var / excess)
-    else:
-        upper = max(excess + z * (excess_se if np.isfinite(excess_se) else 0.0), floor)
-        out.update(mse_upper=upper, ratio_lower=scale / upper, mc_samples_to_match_lower=var / upper)
-    return out

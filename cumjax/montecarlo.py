@@ -17,9 +17,12 @@ running sums, so even float32 accumulation loses only about one rounding per chu
 are drawn in the forward dtype: float32 ones (an erfinv of a 23-bit uniform) never exceed ~5.4
 sigma, so events rarer than ~1e-7 need ``dtype=jnp.float64`` (x64 enabled).
 """
+
 from __future__ import annotations
 
 import functools
+import inspect
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -27,10 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .inputs import validate_gaussian_input
+from . import _sampling as smp
+from .gaussian import Gaussian, check_gaussian
 from .mlp import HIGHEST, MLPSpec, forward, validate_params
-
-_MAX_ROWS = 2**32  # sample indices are uint32
 
 
 @struct.dataclass
@@ -52,33 +54,15 @@ class _Stats(NamedTuple):
     second: dict | None  # label -> (n, n) mean of x x^T
 
 
-def forward_flops(spec: MLPSpec) -> int:
-    """FLOPs of one forward pass (one sample): per linear layer ``2 in out`` for the matmul, plus
-    ``out`` for the bias if any, plus ``out`` for the activation of a hidden layer (one FLOP per
-    element, whatever the nonlinearity). Sampling the input and the statistics are not counted."""
-    total = 0
-    for l, (a, b) in enumerate(zip(spec.dims[:-1], spec.dims[1:])):
-        total += 2 * a * b + (b if spec.use_bias else 0) + (b if l < spec.num_layers - 1 else 0)
-    return total
-
-
-def default_chunk_size() -> int:
-    """4096 rows on CPU (stays in cache), 65536 on accelerators (amortises per-step overhead)."""
-    return 4096 if jax.default_backend() == "cpu" else 65536
-
-
 # ----------------------------------------------------------------------------- statistics
 
 
 def _merge(a: _Stats, b: _Stats) -> _Stats:
     """Chan et al.'s parallel update: the statistics of the union of two disjoint sample sets."""
-    n = a.count + b.count
-    wb = jnp.where(n > 0, b.count / jnp.maximum(n, 1), 0.0)
+    n, wb = smp.chan_weights(a.count, b.count)
     mean, m2 = {}, {}
     for k in a.mean:
-        delta = b.mean[k] - a.mean[k]
-        mean[k] = a.mean[k] + delta * wb
-        m2[k] = a.m2[k] + b.m2[k] + delta * delta * a.count * wb
+        mean[k], m2[k] = smp.chan_merge(a.mean[k], a.m2[k], b.mean[k], b.m2[k], a.count, wb)
     second = None if a.second is None else {k: a.second[k] + (b.second[k] - a.second[k]) * wb for k in a.second}
     return _Stats(n, mean, m2, second)
 
@@ -94,7 +78,7 @@ def _chunk_stats(key, params, spec, mean, factor, rows, valid, second_moments, a
     """Statistics of the samples ``rows (c,)`` where ``valid (c,)``."""
     d = mean.shape[0]
     z = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), (d,), mean.dtype))(rows)
-    x = mean + (z if factor is None else jnp.matmul(z, factor.T, precision=HIGHEST))
+    x = smp.to_inputs(z, mean, factor)
     w = valid.astype(mean.dtype)[:, None]
     count = jnp.sum(w)
     inv = 1 / jnp.maximum(count, 1)
@@ -110,12 +94,14 @@ def _chunk_stats(key, params, spec, mean, factor, rows, valid, second_moments, a
 
 def _stream(key, params, spec, mean, factor, first, stop, num_chunks, chunk, second_moments) -> _Stats:
     """Statistics of samples ``first <= i < stop``, in ``num_chunks`` chunks of ``chunk`` rows."""
-    acc = jnp.float64 if jax.config.jax_enable_x64 else jnp.float32
+    acc = smp.accumulation_dtype()
     offsets = jnp.arange(chunk, dtype=jnp.uint32)
 
     def body(carry, c):
         rows = first + c * jnp.uint32(chunk) + offsets
-        return _merge(carry, _chunk_stats(key, params, spec, mean, factor, rows, rows < stop, second_moments, acc)), None
+        return _merge(
+            carry, _chunk_stats(key, params, spec, mean, factor, rows, rows < stop, second_moments, acc)
+        ), None
 
     out, _ = jax.lax.scan(body, _empty(spec, second_moments, acc), jnp.arange(num_chunks, dtype=jnp.uint32))
     return out
@@ -125,15 +111,17 @@ _STATIC = ("spec", "num_samples", "chunk", "num_chunks", "second_moments")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _run(key, params, mean, cov, *, spec, num_samples, chunk, num_chunks, second_moments) -> _Stats:
-    factor = _input_factor(cov, mean.dtype)
-    return _stream(key, params, spec, mean, factor, jnp.uint32(0), jnp.uint32(num_samples), num_chunks, chunk, second_moments)
+def _run(key, params, mean, factor, *, spec, num_samples, chunk, num_chunks, second_moments) -> _Stats:
+    return _stream(
+        key, params, spec, mean, factor, jnp.uint32(0), jnp.uint32(num_samples), num_chunks, chunk, second_moments
+    )
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC + ("per_device", "mesh"))
-def _run_sharded(key, params, mean, cov, *, spec, num_samples, chunk, num_chunks, second_moments, per_device, mesh) -> _Stats:
+def _run_sharded(
+    key, params, mean, factor, *, spec, num_samples, chunk, num_chunks, second_moments, per_device, mesh
+) -> _Stats:
     axis = mesh.axis_names[0]
-    factor = _input_factor(cov, mean.dtype)
     P = jax.sharding.PartitionSpec
 
     def local(key, params, mean, factor):  # device d takes samples [d * per_device, (d + 1) * per_device)
@@ -160,79 +148,143 @@ def _result(s: _Stats, num_samples: int) -> MCResult:
 
 def _plan(num_samples, chunk_size, devices: int = 1) -> tuple[int, int, int]:
     """``(samples per device, chunk, chunks per device)``; the chunk never exceeds a device's share."""
-    if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 2:
-        raise ValueError(f"num_samples must be an int >= 2, got {num_samples!r}")
-    chunk_size = default_chunk_size() if chunk_size is None else chunk_size
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    per_device = -(-int(num_samples) // devices)
-    chunk = min(int(chunk_size), per_device)
-    if devices * per_device + chunk > _MAX_ROWS:
-        raise ValueError(f"at most ~{_MAX_ROWS:.3g} samples per call (uint32 sample index); combine runs with different keys")
+    num_samples = smp.check_num_samples(num_samples)
+    per_device = -(-num_samples // devices)
+    chunk = smp.check_chunk_size(chunk_size, per_device)
+    if devices * per_device + chunk > smp.MAX_ROWS:
+        raise ValueError(
+            f"at most ~{smp.MAX_ROWS:.3g} samples per call (uint32 sample index); combine runs with different keys"
+        )
     return per_device, chunk, -(-per_device // chunk)
 
 
-def _input_factor(cov, dtype):
-    """``F`` with ``F F^T = cov`` (Cholesky; symmetric eigen-root if singular) in ``dtype``; None
-    stands for the identity (saves a d x d matmul per sample)."""
-    if cov is None:
-        return None
-    chol = jnp.linalg.cholesky(cov)
-    vals, vecs = jnp.linalg.eigh(cov)
-    root = vecs * jnp.sqrt(jnp.maximum(vals, 0.0))
-    return jnp.where(jnp.all(jnp.isfinite(chol)), chol, root).astype(dtype)
-
-
-def _prepare(params, spec, mean, cov, dtype, batch_dims=0):
-    """Validate (what is concrete) and cast params and input to the forward dtype."""
+def _prepare(params, spec, gaussian, dtype, batch_dims=0):
+    """Validate (shapes always, values where concrete) and cast to the forward dtype:
+    ``(params, mean, factor)`` with inputs ``mean + e @ factor.T`` (factor None: identity cov)."""
+    if not isinstance(spec, MLPSpec):
+        raise TypeError(f"spec must be a cumjax.MLPSpec, got {type(spec).__name__}")
     validate_params(params, spec, batch_dims)
-    if not isinstance(mean, jax.core.Tracer) and not isinstance(cov, jax.core.Tracer):
-        validate_gaussian_input(mean, cov, spec.input_dim)
+    check_gaussian(gaussian, spec.input_dim)
     if dtype is None:
-        dtype = jnp.result_type(mean, *jax.tree_util.tree_leaves(params), float)
+        dtype = jnp.result_type(gaussian.mean, *jax.tree_util.tree_leaves(params), float)
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64)):
+        raise ValueError(f"dtype must be float32 or float64, got {dtype}")
     params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), params)
-    if not isinstance(cov, jax.core.Tracer) and np.array_equal(np.asarray(cov), np.eye(np.shape(cov)[0])):
-        cov = None  # the identity: no factor needed
-    else:
-        cov = jnp.asarray(cov, jnp.result_type(float))  # factored in float64 when x64 is enabled
-    return params, jnp.asarray(mean, dtype), cov
+    mean, factor = smp.whitened(gaussian, dtype)
+    return params, mean, factor
+
+
+_LEGACY = inspect.signature(lambda key, params, spec, mean, cov, num_samples, *args, **kwargs: None)
+
+
+def _accepts_legacy(fn):
+    """Let ``fn(key, params, spec, gaussian, num_samples, ...)`` also take the deprecated form
+    ``fn(key, params, spec, mean, cov, num_samples, ...)`` (with a DeprecationWarning)."""
+
+    @functools.wraps(fn)
+    def wrapper(key, params, spec, gaussian=None, *args, **kwargs):
+        if isinstance(gaussian, Gaussian):
+            return fn(key, params, spec, gaussian, *args, **kwargs)
+        a = _LEGACY.bind(key, params, spec, gaussian, *args, **kwargs).arguments
+        warnings.warn(
+            f"{fn.__name__}(key, params, spec, mean, cov, num_samples, ...) is deprecated: use "
+            f"{fn.__name__}(key, params, spec, cumjax.Gaussian(mean, cov), num_samples, ...)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return fn(
+            key,
+            params,
+            spec,
+            Gaussian(a["mean"], a["cov"]),
+            a["num_samples"],
+            *a.get("args", ()),
+            **a.get("kwargs", {}),
+        )
+
+    return wrapper
 
 
 # ----------------------------------------------------------------------------- public
 
 
-def monte_carlo(key, params, spec: MLPSpec, mean, cov, num_samples: int, chunk_size: int | None = None,
-                second_moments: bool = False, dtype=jnp.float32) -> MCResult:
+@_accepts_legacy
+def monte_carlo(
+    key,
+    params,
+    spec: MLPSpec,
+    gaussian: Gaussian,
+    num_samples: int,
+    chunk_size: int | None = None,
+    second_moments: bool = False,
+    dtype=jnp.float32,
+) -> MCResult:
     """Sample mean and standard error (optionally E[x x^T]) of every layer over ``num_samples``
-    inputs ``x ~ N(mean (d,), cov (d, d))``, streamed in chunks of ``chunk_size`` rows
-    (default :func:`default_chunk_size`; at most ``num_samples``).
+    inputs ``x ~ gaussian``, streamed in chunks of ``chunk_size`` rows (default
+    :func:`cumjax._sampling.default_chunk_size`; at most ``num_samples``).
 
-    A jitted function of ``(key, params, mean, cov)``; ``spec``, the sizes, ``second_moments`` and
-    ``dtype`` are static. It may itself be called under jit/vmap (inputs are validated where
-    concrete). dtype: of the forward pass; None keeps that of params and mean. Deterministic for a
-    given key.
+    A jitted function of ``(key, params, gaussian)``; ``spec``, the sizes, ``second_moments`` and
+    ``dtype`` are static. It may itself be called under jit/vmap/grad with any of those traced
+    (shapes are checked always, values where concrete). dtype: of the forward pass; None keeps
+    that of params and the input. Deterministic for a given key.
     """
     _, chunk, num_chunks = _plan(num_samples, chunk_size)
-    params, mean, cov = _prepare(params, spec, mean, cov, dtype)
-    s = _run(key, params, mean, cov, spec=spec, num_samples=int(num_samples), chunk=chunk, num_chunks=num_chunks,
-             second_moments=second_moments)
+    params, mean, factor = _prepare(params, spec, gaussian, dtype)
+    s = _run(
+        key,
+        params,
+        mean,
+        factor,
+        spec=spec,
+        num_samples=int(num_samples),
+        chunk=chunk,
+        num_chunks=num_chunks,
+        second_moments=second_moments,
+    )
     return _result(s, int(num_samples))
 
 
-def monte_carlo_batched(key, batched_params, spec: MLPSpec, mean, cov, num_samples: int, chunk_size: int | None = None,
-                        second_moments: bool = False, dtype=jnp.float32) -> MCResult:
+@_accepts_legacy
+def monte_carlo_batched(
+    key,
+    batched_params,
+    spec: MLPSpec,
+    gaussian: Gaussian,
+    num_samples: int,
+    chunk_size: int | None = None,
+    second_moments: bool = False,
+    dtype=jnp.float32,
+) -> MCResult:
     """:func:`monte_carlo` vmapped over a leading network axis of ``batched_params``; network ``i``
     uses ``jax.random.split(key, B)[i]``. Every field of the result gains that leading axis."""
     _, chunk, num_chunks = _plan(num_samples, chunk_size)
-    params, mean, cov = _prepare(batched_params, spec, mean, cov, dtype, batch_dims=1)
+    params, mean, factor = _prepare(batched_params, spec, gaussian, dtype, batch_dims=1)
     keys = jax.random.split(key, jax.tree_util.tree_leaves(params)[0].shape[0])
-    run = functools.partial(_run, mean=mean, cov=cov, spec=spec, num_samples=int(num_samples), chunk=chunk,
-                            num_chunks=num_chunks, second_moments=second_moments)
+    run = functools.partial(
+        _run,
+        mean=mean,
+        factor=factor,
+        spec=spec,
+        num_samples=int(num_samples),
+        chunk=chunk,
+        num_chunks=num_chunks,
+        second_moments=second_moments,
+    )
     return _result(jax.vmap(run)(keys, params), int(num_samples))
 
 
-def monte_carlo_sharded(key, params, spec: MLPSpec, mean, cov, num_samples: int, mesh: jax.sharding.Mesh | None = None,
-                        chunk_size: int | None = None, second_moments: bool = False, dtype=jnp.float32) -> MCResult:
+@_accepts_legacy
+def monte_carlo_sharded(
+    key,
+    params,
+    spec: MLPSpec,
+    gaussian: Gaussian,
+    num_samples: int,
+    mesh: jax.sharding.Mesh | None = None,
+    chunk_size: int | None = None,
+    second_moments: bool = False,
+    dtype=jnp.float32,
+) -> MCResult:
     """:func:`monte_carlo` with the samples split evenly over the devices of a 1-D ``mesh``
     (default: all devices); each device streams its share, the statistics are merged at the end.
     Same samples as on one device, so the same result up to rounding in the merges."""
@@ -240,7 +292,18 @@ def monte_carlo_sharded(key, params, spec: MLPSpec, mean, cov, num_samples: int,
     if len(mesh.axis_names) != 1:
         raise ValueError(f"need a 1-D mesh, got axes {mesh.axis_names}")
     per_device, chunk, num_chunks = _plan(num_samples, chunk_size, mesh.size)
-    params, mean, cov = _prepare(params, spec, mean, cov, dtype)
-    s = _run_sharded(key, params, mean, cov, spec=spec, num_samples=int(num_samples), chunk=chunk,
-                     num_chunks=num_chunks, second_moments=second_moments, per_device=per_device, mesh=mesh)
+    params, mean, factor = _prepare(params, spec, gaussian, dtype)
+    s = _run_sharded(
+        key,
+        params,
+        mean,
+        factor,
+        spec=spec,
+        num_samples=int(num_samples),
+        chunk=chunk,
+        num_chunks=num_chunks,
+        second_moments=second_moments,
+        per_device=per_device,
+        mesh=mesh,
+    )
     return _result(s, int(num_samples))

@@ -3,7 +3,7 @@
 A student MLP is fitted so that the first two moments of its output on a Gaussian input match
 a target (for example a teacher network's), with the moment-matching loss
 
-    L(params) = ||E[g(x)] - mu*||^2 + ||Cov[g(x)] - Sigma*||_F^2,    x ~ N(in_mean, in_cov).
+    L(params) = ||E[g(x)] - mu*||^2 + ||Cov[g(x)] - Sigma*||_F^2,    x ~ N(mean, cov) (a Gaussian).
 
 Three ways to evaluate it, all pure functions of the params pytree:
 
@@ -20,13 +20,15 @@ Three ways to evaluate it, all pure functions of the params pytree:
 ``lax.scan`` between checkpoints, records a learning curve, and saves its state atomically at every
 checkpoint so an interrupted run resumes and reproduces the uninterrupted curve exactly.
 """
+
 from __future__ import annotations
 
 import dataclasses
 import functools
 import json
 import os
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import flax.serialization
 import jax
@@ -34,10 +36,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ._io import atomic_write
+from .config import PropagationConfig
+from .gaussian import Gaussian
 from .mlp import HIGHEST, MLPSpec, forward
 from .montecarlo import monte_carlo_batched
-from .propagate import PropagationConfig, propagate
-from .results import _atomic
+from .propagation import propagate
 
 Array = jax.Array
 
@@ -57,20 +61,23 @@ def moment_loss(moments: Moments, target: Moments) -> Array:
 # ----------------------------------------------------------------------------- estimated
 
 
-def estimated_moments(params, spec: MLPSpec, config: PropagationConfig, in_mean, in_cov, weight_variances=None,
-                      unroll: bool = False) -> Moments:
+def estimated_moments(
+    params, spec: MLPSpec, gaussian: Gaussian, config: PropagationConfig, unroll: bool = False
+) -> Moments:
     """Cumulant-propagation estimate of the output mean and covariance (degrees 1 and 2 of the
     output tower). At ``k_max = 1`` only the trace of the covariance is tracked, so the estimated
     covariance is diagonal (``c * diag(W^T W)`` at the output layer)."""
     config = dataclasses.replace(config, output_degree=2)
-    out = propagate(params, spec.activations, in_mean, in_cov, config, weight_variances, unroll=unroll)[spec.labels[-1]]
-    return Moments(out[1].core, out[2].dense())
+    out = propagate(params, spec, gaussian, config, unroll=unroll)
+    return Moments(out.mean(), out.cov())
 
 
-def estimated_loss(params, spec: MLPSpec, config: PropagationConfig, target: Moments, in_mean, in_cov,
-                   weight_variances=None, unroll: bool = False) -> Array:
-    """:func:`moment_loss` at the estimated output moments: no samples, differentiable in params."""
-    return moment_loss(estimated_moments(params, spec, config, in_mean, in_cov, weight_variances, unroll), target)
+def estimated_loss(
+    params, spec: MLPSpec, gaussian: Gaussian, config: PropagationConfig, target: Moments, unroll: bool = False
+) -> Array:
+    """:func:`moment_loss` at the estimated output moments: no samples, differentiable in params
+    (and in the input moments and the target)."""
+    return moment_loss(estimated_moments(params, spec, gaussian, config, unroll), target)
 
 
 # ----------------------------------------------------------------------------- sampled
@@ -93,43 +100,48 @@ def sampled_loss(params, spec: MLPSpec, x: Array, target: Moments) -> Array:
         raise ValueError(f"sampled_loss needs an even minibatch of at least 4 samples, got {m}")
     y = forward(params, spec, x)
     a, b = sample_moments(y[: m // 2]), sample_moments(y[m // 2 :])
-    return jnp.sum((a.mean - target.mean) * (b.mean - target.mean)) + jnp.sum((a.cov - target.cov) * (b.cov - target.cov))
+    return jnp.sum((a.mean - target.mean) * (b.mean - target.mean)) + jnp.sum(
+        (a.cov - target.cov) * (b.cov - target.cov)
+    )
 
 
-def gaussian_batch(key, in_mean, in_cov, num_samples: int) -> Array:
-    """``(num_samples, d)`` draws from N(in_mean, in_cov)."""
-    return jax.random.multivariate_normal(key, in_mean, in_cov, (num_samples,), dtype=in_mean.dtype, method="cholesky")
+def gaussian_batch(key, gaussian: Gaussian, num_samples: int) -> Array:
+    """``(num_samples, d)`` draws from ``gaussian`` (in its mean's dtype)."""
+    mean = jnp.asarray(gaussian.mean)
+    return jax.random.multivariate_normal(
+        key, mean, jnp.asarray(gaussian.cov, mean.dtype), (num_samples,), dtype=mean.dtype, method="cholesky"
+    )
 
 
 # ----------------------------------------------------------------------------- objectives for fit
 
 
 class MomentProblem(NamedTuple):
-    """The data a moment-matching objective reads: target moments and the input N(in_mean, in_cov)."""
+    """The data a moment-matching objective reads: target moments and the input distribution."""
 
     target: Moments
-    in_mean: Array
-    in_cov: Array
+    gaussian: Gaussian
 
 
 @functools.lru_cache(maxsize=64)
 def estimated_objective(spec: MLPSpec, config: PropagationConfig) -> Callable:
     """``(params, key, MomentProblem) -> estimated_loss`` (the key is unused). Cached, so every
     call with the same spec and config returns the same function and :func:`fit` compiles once."""
-    return lambda params, key, data: estimated_loss(params, spec, config, data.target, data.in_mean, data.in_cov)
+    return lambda params, key, data: estimated_loss(params, spec, data.gaussian, config, data.target)
 
 
 @functools.lru_cache(maxsize=64)
 def sampled_objective(spec: MLPSpec, batch: int) -> Callable:
     """``(params, key, MomentProblem) -> sampled_loss`` on ``batch`` fresh inputs drawn from key."""
-    return lambda params, key, data: sampled_loss(params, spec, gaussian_batch(key, data.in_mean, data.in_cov, batch), data.target)
+    return lambda params, key, data: sampled_loss(params, spec, gaussian_batch(key, data.gaussian, batch), data.target)
 
 
 # ----------------------------------------------------------------------------- Monte Carlo referee
 
 
-def monte_carlo_moments(key, params, spec: MLPSpec, in_mean, in_cov, num_samples: int, groups: int = 1,
-                        chunk_size: int | None = None) -> Moments:
+def monte_carlo_moments(
+    key, params, spec: MLPSpec, gaussian: Gaussian, num_samples: int, groups: int = 1, chunk_size: int | None = None
+) -> Moments:
     """Output moments of ``groups`` independent Monte Carlo runs of ``num_samples // groups``
     samples each (one vmapped, streamed call): mean ``(groups, d_out)``, unbiased covariance
     ``(groups, d_out, d_out)``. Forward passes in float32, sums in float64 when x64 is on."""
@@ -137,23 +149,37 @@ def monte_carlo_moments(key, params, spec: MLPSpec, in_mean, in_cov, num_samples
     if groups < 1 or per < 2:
         raise ValueError(f"need groups >= 1 and >= 2 samples per group, got {num_samples} samples in {groups} groups")
     stacked = jax.tree_util.tree_map(lambda a: jnp.broadcast_to(a, (groups,) + a.shape), params)
-    mc = monte_carlo_batched(key, stacked, spec, in_mean, in_cov, per, chunk_size=chunk_size, second_moments=True)
+    mc = monte_carlo_batched(key, stacked, spec, gaussian, per, chunk_size=chunk_size, second_moments=True)
     label = spec.labels[-1]
     mean, second = mc.mean[label], mc.second[label]
     cov = (second - mean[:, :, None] * mean[:, None, :]) * (per / (per - 1))
     return Moments(mean, cov)
 
 
-def monte_carlo_loss(key, params, spec: MLPSpec, target: Moments, in_mean, in_cov, num_samples: int,
-                     groups: int = 16, chunk_size: int | None = None) -> tuple[float, float]:
+def monte_carlo_loss(
+    key,
+    params,
+    spec: MLPSpec,
+    gaussian: Gaussian,
+    target: Moments,
+    num_samples: int,
+    groups: int = 16,
+    chunk_size: int | None = None,
+) -> tuple[float, float]:
     """``(L, standard error)`` of the moment-matching loss from ``num_samples`` fresh samples in
     ``groups`` groups: the U-statistic ``mean_{g != h} <a_g, a_h>`` over the groups' deviations
     ``a_g = (mean_g - mu*, cov_g - Sigma*)`` (unbiased: distinct groups are independent), with a
     delete-one-group jackknife standard error. Can be slightly negative when L is near 0."""
     if groups < 3:
         raise ValueError(f"need groups >= 3 for a jackknife standard error, got {groups}")
-    mom = monte_carlo_moments(key, params, spec, in_mean, in_cov, num_samples, groups, chunk_size)
-    a = np.concatenate([np.asarray(mom.mean - target.mean, np.float64), np.asarray(mom.cov - target.cov, np.float64).reshape(groups, -1)], axis=1)
+    mom = monte_carlo_moments(key, params, spec, gaussian, num_samples, groups, chunk_size)
+    a = np.concatenate(
+        [
+            np.asarray(mom.mean - target.mean, np.float64),
+            np.asarray(mom.cov - target.cov, np.float64).reshape(groups, -1),
+        ],
+        axis=1,
+    )
     total, sq = a.sum(0), np.einsum("gi,gi->g", a, a)
 
     def u(s, q, g):  # sum_{i != j} <a_i, a_j> / (g (g - 1)) from the sum and the squared norms
@@ -207,19 +233,32 @@ def _load_checkpoint(path: str | None, template: TrainState, meta: str):
 def _save_checkpoint(path: str, state: TrainState, curve: list, meta: str) -> None:
     """State (exact bits, msgpack) and curve (JSON text) in one file, replaced atomically."""
     data = flax.serialization.msgpack_serialize(
-        {"meta": meta, "state": flax.serialization.to_state_dict(jax.device_get(state)), "curve": json.dumps(curve)})
+        {"meta": meta, "state": flax.serialization.to_state_dict(jax.device_get(state)), "curve": json.dumps(curve)}
+    )
 
     def write(tmp):
         with open(tmp, "wb") as f:
             f.write(data)
 
-    _atomic(path, write)
+    atomic_write(path, write)
 
 
-def fit(loss_fn: Callable, params, optimizer: optax.GradientTransformation, num_steps: int, *, key,
-        eval_every: int, data=None, evaluate: Callable | None = None, flops_per_step: float = 0.0,
-        checkpoint: str | None = None, meta: dict | None = None, on_checkpoint: Callable | None = None,
-        progress: bool | str = False) -> tuple[dict, list[dict]]:
+def fit(
+    loss_fn: Callable,
+    params,
+    optimizer: optax.GradientTransformation,
+    num_steps: int,
+    *,
+    key,
+    eval_every: int,
+    data=None,
+    evaluate: Callable | None = None,
+    flops_per_step: float = 0.0,
+    checkpoint: str | None = None,
+    meta: dict | None = None,
+    on_checkpoint: Callable | None = None,
+    progress: bool | str = False,
+) -> tuple[dict, list[dict]]:
     """Minimise ``loss_fn(params, key, data) -> scalar`` with ``optimizer`` for ``num_steps`` steps.
 
     ``data``: any pytree the loss reads (targets, input moments), passed to the jitted steps as an
@@ -246,8 +285,15 @@ def fit(loss_fn: Callable, params, optimizer: optax.GradientTransformation, num_
     def record(losses):
         step = int(state.step)
         value, se = evaluate(state.params, step) if evaluate is not None else (None, None)
-        curve.append(dict(step=step, flops=float(step * flops_per_step), train_loss=None if losses is None else float(np.mean(losses)),
-                          eval_loss=value, eval_se=se))
+        curve.append(
+            dict(
+                step=step,
+                flops=float(step * flops_per_step),
+                train_loss=None if losses is None else float(np.mean(losses)),
+                eval_loss=value,
+                eval_se=se,
+            )
+        )
         if checkpoint:
             _save_checkpoint(checkpoint, state, curve, meta)
         if on_checkpoint is not None:

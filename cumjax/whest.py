@@ -14,6 +14,7 @@ identity output layer only ever carries a mean (``output_degree=1``), at ``2 wid
 Only :func:`make_estimator` / :class:`CumjaxEstimator` and :func:`whest_forward` import whestbench
 (lazily, with a clear error when it is missing); the conversions below need cumjax alone.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -24,9 +25,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .flops import compiled_cost, jaxpr_flops
-from .mlp import MLPSpec, forward, params_from_arrays
-from .propagate import PropagationConfig, propagate
+from .config import PropagationConfig
+from .flopcount import compiled_cost, jaxpr_flops
+from .gaussian import Gaussian
+from .mlp import Init, MLPSpec, forward, params_from_arrays
+from .propagation import propagate
 
 WHEST_REQUIREMENT = "whestbench>=0.16"
 #: WhestBench's He initialisation: every layer, the first included, has fan_in * Var(W) = 2.
@@ -52,7 +55,11 @@ def whest_weights(mlp_or_weights, dtype=np.float32) -> np.ndarray:
     """``(depth, width, width)`` numpy weights of a WhestBench ``MLP`` (or of a sequence of its
     matrices, or of an already stacked array), validated: square, equal shapes, finite."""
     weights = getattr(mlp_or_weights, "weights", mlp_or_weights)
-    Ws = np.stack([np.asarray(w, dtype=dtype) for w in weights]) if not isinstance(weights, np.ndarray) else weights.astype(dtype, copy=False)
+    Ws = (
+        np.stack([np.asarray(w, dtype=dtype) for w in weights])
+        if not isinstance(weights, np.ndarray)
+        else weights.astype(dtype, copy=False)
+    )
     if Ws.ndim != 3 or Ws.shape[0] < 1 or Ws.shape[1] != Ws.shape[2]:
         raise ValueError(f"WhestBench weights must be (depth, width, width) with depth >= 1, got {Ws.shape}")
     if not np.isfinite(Ws).all():
@@ -61,8 +68,12 @@ def whest_weights(mlp_or_weights, dtype=np.float32) -> np.ndarray:
 
 
 def whest_spec(width: int, depth: int) -> MLPSpec:
-    """The cumjax spec of a WhestBench network: ``depth`` ReLU layers plus an identity output layer."""
-    return MLPSpec(input_dim=width, width=width, output_dim=width, num_layers=depth + 1, activations=("relu",) * depth)
+    """The cumjax spec of a WhestBench network: ``depth`` ReLU layers plus an identity output layer;
+    its init has WhestBench's weight variance (fan_in * Var(W) = 2) on every ReLU layer."""
+    init = Init(kind="manual", w_var=(WHEST_W_VAR,) * depth + (1.0,))
+    return MLPSpec(
+        input_dim=width, width=width, output_dim=width, num_layers=depth + 1, activations=("relu",) * depth, init=init
+    )
 
 
 def to_cumjax(mlp_or_weights, dtype=None) -> tuple[MLPSpec, Any]:
@@ -75,9 +86,9 @@ def to_cumjax(mlp_or_weights, dtype=None) -> tuple[MLPSpec, Any]:
     return whest_spec(width, depth), params_from_arrays(list(Ws) + [eye], None, dtype)
 
 
-def whest_input(width: int, dtype=jnp.float32) -> tuple[jax.Array, jax.Array]:
-    """WhestBench's input distribution N(0, I): ``(mean (width,), cov (width, width))``."""
-    return jnp.zeros(width, dtype), jnp.eye(width, dtype=dtype)
+def whest_input(width: int, dtype=jnp.float32) -> Gaussian:
+    """WhestBench's input distribution N(0, I)."""
+    return Gaussian.standard(width, dtype)
 
 
 def all_layers(params, spec: MLPSpec, x) -> jax.Array:
@@ -108,20 +119,18 @@ def layer_means(Ws, config: PropagationConfig = PropagationConfig(), unroll: boo
     variance (fan_in * Var(W) = 2 per layer). Pure and jittable (``config``/``unroll`` static)."""
     depth, width = Ws.shape[0], Ws.shape[-1]
     layers = [(Ws[l], None) for l in range(depth)] + [(jnp.eye(width, dtype=Ws.dtype), None)]
-    mean, cov = whest_input(width, Ws.dtype)
     config = dataclasses.replace(config, output_degree=1)
-    w_vars = (WHEST_W_VAR,) * depth + (1.0,)
-    out = propagate(layers, ("relu",) * depth, mean, cov, config, w_vars, unroll=unroll)
-    return jnp.stack([out[f"act{l}"][1].core for l in range(depth)])
+    out = propagate(layers, whest_spec(width, depth), whest_input(width, Ws.dtype), config, unroll=unroll)
+    return jnp.stack([out.mean(f"act{l}") for l in range(depth)])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def jitted_layer_means(config: PropagationConfig):
     """``jax.jit`` of :func:`layer_means` for one configuration (compiled once per shape and dtype)."""
     return jax.jit(functools.partial(layer_means, config=config))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def layer_means_flops(width: int, depth: int, config: PropagationConfig, dtype=jnp.float32) -> float:
     """Analytic FLOPs of one :func:`layer_means` call as it runs (hidden layers under ``lax.scan``),
     from the shapes of the operations it executes (:func:`cumjax.flops.jaxpr_flops`; 2 per
@@ -148,14 +157,21 @@ def _charge(flop_cost: int, shape, dtype):
     budget = get_active_budget()
     if budget is None:
         return None
-    return budget.deduct("cumjax.layer_means", flop_cost=int(flop_cost), subscripts=None, shapes=(tuple(shape),),
-                         dtypes=(np.dtype(dtype).name,))
+    return budget.deduct(
+        "cumjax.layer_means",
+        flop_cost=int(flop_cost),
+        subscripts=None,
+        shapes=(tuple(shape),),
+        dtypes=(np.dtype(dtype).name,),
+    )
 
 
 class _EstimatorMixin:
     """The cumjax side of :class:`CumjaxEstimator` (kept free of whestbench imports)."""
 
-    def __init__(self, config: PropagationConfig = PropagationConfig(k_max=2), dtype="float32", charge_flops: bool = True):
+    def __init__(
+        self, config: PropagationConfig = PropagationConfig(k_max=2), dtype="float32", charge_flops: bool = True
+    ):
         if not isinstance(config, PropagationConfig):
             raise TypeError(f"config must be a PropagationConfig, got {type(config).__name__}")
         self.config = config
@@ -192,7 +208,7 @@ class _EstimatorMixin:
         return fnp.asarray(self.predict_numpy(mlp))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _estimator_class():
     wb = require_whestbench()
 
@@ -243,7 +259,20 @@ def baselines() -> dict[str, Any]:
 
 
 __all__ = [
-    "WHEST_REQUIREMENT", "WHEST_W_VAR", "all_layers", "baseline_flops", "baselines", "jitted_layer_means", "layer_means",
-    "layer_means_flops", "layer_means_xla_flops", "make_estimator", "require_whestbench", "to_cumjax", "whest_forward", "whest_input",
-    "whest_spec", "whest_weights",
+    "WHEST_REQUIREMENT",
+    "WHEST_W_VAR",
+    "all_layers",
+    "baseline_flops",
+    "baselines",
+    "jitted_layer_means",
+    "layer_means",
+    "layer_means_flops",
+    "layer_means_xla_flops",
+    "make_estimator",
+    "require_whestbench",
+    "to_cumjax",
+    "whest_forward",
+    "whest_input",
+    "whest_spec",
+    "whest_weights",
 ]

@@ -12,6 +12,7 @@ depth: run ~ width^(k+1) unfactored, ~ width^k factored since the rank grows ~ w
 Results go to ``<out>/bench_factored_<name>.json`` (atomically, after every configuration; a rerun
 skips what is there) and a figure ``<out>/bench_factored_<name>.png``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,58 +21,48 @@ import os
 import subprocess
 import sys
 
-import numpy as np
-
-ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-sys.path.insert(0, ROOT)
+from common import ResultStore, fit_power_law, load_config, save_figure_atomic, write_json_atomic
 
 
 def _worker(spec: dict) -> dict:
     """Measure one configuration in this process (called in a fresh subprocess)."""
     import resource
-    import time
 
-    import jax
     import jax.numpy as jnp
+    from common import enable_x64, network, time_compiled
 
     import cumjax as cj
-    from cumjax.propagate import factored_ranks
 
     if spec["dtype"] == "float64":
-        jax.config.update("jax_enable_x64", True)
+        enable_x64()
     dtype = jnp.dtype(spec["dtype"])
     n, L = spec["width"], spec["layers"]
-    net = cj.MLPSpec(input_dim=n, width=n, output_dim=n, num_layers=L, activations=("relu",) * (L - 1))
-    params = jax.tree_util.tree_map(lambda x: x.astype(dtype), cj.init_params(jax.random.PRNGKey(spec["seed"]), net, cj.Init(kind="he")))
+    net, params = network(spec["seed"], n, L, "relu", dtype=dtype)
     config = cj.PropagationConfig(k_max=spec["k"], kind=spec["kind"], factored=spec["factored"])
-    mean, cov = jnp.zeros(n, dtype), jnp.eye(n, dtype=dtype)
-    fn = jax.jit(lambda p: cj.estimate_mean(p, net.activations, mean, cov, config))
-    t0 = time.perf_counter()
-    compiled = fn.lower(params).compile()
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(compiled(params))
-    runs = [time.perf_counter() - t0]  # already compiled: the first run counts too
-    for _ in range(spec["repeats"] - 1):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(params))
-        runs.append(time.perf_counter() - t0)
+    g = cj.Gaussian.standard(n, dtype)
+    # already compiled: the first run counts too
+    r = time_compiled(lambda p: cj.estimate_mean(p, net, g, config), params, repeats=spec["repeats"])
     res = {
-        "compile_s": compile_s,
-        "run_s": min(runs),
+        "compile_s": r["compile_s"],
+        "run_s": r["run_s"],
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "output_finite": bool(jnp.all(jnp.isfinite(out))),
+        "output_finite": bool(jnp.all(jnp.isfinite(r["out"]))),
     }
     if spec["factored"]:
-        res["ranks"] = factored_ranks(n, L, config)
+        res["ranks"] = cj.factored_ranks(n, L, config)
     return res
 
 
 def _run_worker(spec: dict, timeout: float) -> dict:
     env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true"))
     try:
-        proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
-                              capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout} s"}
     if proc.returncode != 0:
@@ -80,9 +71,7 @@ def _run_worker(spec: dict, timeout: float) -> dict:
 
 
 def _slope(x, y):
-    if len(x) < 2:
-        return None
-    return float(np.polyfit(np.log(np.asarray(x, float)), np.log(np.asarray(y, float)), 1)[0])
+    return fit_power_law(x, y)["slope"] if len(x) >= 2 else None
 
 
 def _validate(cfg: dict) -> None:
@@ -105,8 +94,8 @@ def _validate(cfg: dict) -> None:
 def main(argv=None) -> dict:
     from tqdm import tqdm
 
-    from cumjax.propagate import PropagationConfig, available_bytes, estimated_bytes
-    from cumjax.results import ResultStore, load_config, save_figure_atomic, write_json_atomic
+    from cumjax import PropagationConfig, estimated_bytes
+    from cumjax.memory import available_bytes
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
@@ -117,7 +106,13 @@ def main(argv=None) -> dict:
     itemsize = 4 if cfg["dtype"] == "float32" else 8
     L = cfg["layers"]
     store = ResultStore(os.path.join(args.out, f"bench_factored_{cfg['name']}.json"), meta=cfg)
-    units = [(n, k, kind, fac) for k in cfg["orders"] for kind in cfg["kinds"] for fac in (True, False) for n in cfg["widths"]]
+    units = [
+        (n, k, kind, fac)
+        for k in cfg["orders"]
+        for kind in cfg["kinds"]
+        for fac in (True, False)
+        for n in cfg["widths"]
+    ]
     for n, k, kind, fac in tqdm(units, desc="bench_factored"):
         key = f"n{n}_k{k}_{kind}_{'fac' if fac else 'dense'}"
         if key in store:
@@ -131,8 +126,16 @@ def main(argv=None) -> dict:
         if est > 0.8 * available_bytes():
             store.put(key, {"skipped": f"estimated {est / 2**30:.1f} GiB > 80% of free memory"})
             continue
-        spec = {"width": n, "layers": L, "k": k, "kind": kind, "factored": fac, "dtype": cfg["dtype"],
-                "repeats": cfg["repeats"], "seed": cfg.get("seed", 0)}
+        spec = {
+            "width": n,
+            "layers": L,
+            "k": k,
+            "kind": kind,
+            "factored": fac,
+            "dtype": cfg["dtype"],
+            "repeats": cfg["repeats"],
+            "seed": cfg.get("seed", 0),
+        }
         res = _run_worker(spec, cfg.get("timeout_s", 3600))
         res["estimated_bytes"] = est
         store.put(key, res)
@@ -162,7 +165,10 @@ def main(argv=None) -> dict:
         for n, c, r, m in zip(s["widths"], s["compile_s"], s["run_s"], s["peak_rss_gib"]):
             print(f"{name:<22}{n:>6}{c:>11.2f}{r:>10.4f}{m:>10.2f}")
         if s["run_slope"] is not None:
-            print(f"{name:<22} slopes vs width: run {s['run_slope']:.2f} (theory {s['theory_run_slope']}), peak memory {s['rss_slope']:.2f}")
+            print(
+                f"{name:<22} slopes vs width: run {s['run_slope']:.2f} (theory {s['theory_run_slope']}), "
+                f"peak memory {s['rss_slope']:.2f}"
+            )
 
     import matplotlib
 

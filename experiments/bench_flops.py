@@ -11,21 +11,19 @@ count (``forward_flops`` vs the jaxpr and XLA counts of one chunk of the sampler
 Writes ``<out>/bench_flops_<name>.json`` after every measurement (a rerun resumes) and
 ``<out>/bench_flops_<name>.png`` (ratio vs width per estimator).
 """
+
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+from common import ResultStore, load_config, network, save_figure_atomic
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import cumjax as cj  # noqa: E402
-from cumjax import flops  # noqa: E402
-from cumjax.results import ResultStore, load_config, save_figure_atomic  # noqa: E402
+import cumjax as cj
+from cumjax import flops
 
 _KEYS = ("widths", "orders", "kinds", "layers")
 
@@ -52,14 +50,15 @@ def _configs(cfg):
 
 
 def _net(width, layers, activation):
-    spec = cj.MLPSpec(width, width, width, layers, (activation,) * (layers - 1))
-    params = cj.init_params(jax.random.PRNGKey(0), spec, cj.Init(kind="he"))
-    return spec, params, jnp.zeros(width, jnp.float32), jnp.eye(width, dtype=jnp.float32)
+    spec, params = network(0, width, layers, activation)
+    return spec, params, cj.Gaussian.standard(width, jnp.float32)
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "bench_flops_smoke.json"))
+    p.add_argument(
+        "--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "bench_flops_smoke.json")
+    )
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
@@ -68,18 +67,27 @@ def main(argv=None) -> dict:
     max_entries = float(cfg.get("max_dense_entries", 2**24))
     store = ResultStore(os.path.join(args.out, f"bench_flops_{cfg['name']}.json"), meta=cfg)
     # dense order-k_max cumulants (w^k entries) must fit; the factored path keeps order k_max - 1
-    work = [(w, c) for w in cfg["widths"] for c in _configs(cfg)
-            if w ** (c.k_max - (c.factored and c.k_max >= 3)) <= max_entries]
+    work = [
+        (w, c)
+        for w in cfg["widths"]
+        for c in _configs(cfg)
+        if w ** (c.k_max - (c.factored and c.k_max >= 3)) <= max_entries
+    ]
     for w, c in tqdm(work, desc="estimators"):
+
         def measure(w=w, c=c):
-            spec, params, mean, cov = _net(w, layers, act)
-            return dict(width=w, estimator=c.name, **flops.estimator_flop_report(params, spec.activations, mean, cov, c))
+            spec, params, g = _net(w, layers, act)
+            return dict(width=w, estimator=c.name, **flops.estimator_flop_report(params, spec, g, c))
 
         store.get_or_compute(f"n{w}_{c.name}", measure)
     for w in tqdm(cfg["widths"], desc="monte carlo"):
+
         def measure_mc(w=w):
-            spec, params, _, _ = _net(w, layers, act)
-            return dict(width=w, estimator="monte_carlo", **flops.montecarlo_flop_report(params, spec, chunk_size=int(cfg.get("mc_chunk", 1024))))
+            spec, params, _ = _net(w, layers, act)
+            chunk = int(cfg.get("mc_chunk", 1024))
+            return dict(
+                width=w, estimator="monte_carlo", **flops.montecarlo_flop_report(params, spec, chunk_size=chunk)
+            )
 
         store.get_or_compute(f"n{w}_monte_carlo", measure_mc)
 
@@ -88,11 +96,16 @@ def main(argv=None) -> dict:
     print(f"{'estimator':<22}{'width':>6}{'analytic':>12}{'matmul %':>10}{'XLA':>12}{'ratio':>8}{'matmul ratio':>14}")
     for r in sorted(rows, key=lambda r: (r["estimator"], r["width"])):
         if r["estimator"] == "monte_carlo":
-            print(f"{'MC chunk per sample':<22}{r['width']:>6}{r['chunk_jaxpr']:>12.4g}{'':>10}{r['chunk_xla']:>12.4g}"
-                  f"{r['ratio']:>8.3f}   (forward pass: forward_flops {r['analytic']:.4g})")
+            print(
+                f"{'MC chunk per sample':<22}{r['width']:>6}{r['chunk_jaxpr']:>12.4g}{'':>10}{r['chunk_xla']:>12.4g}"
+                f"{r['ratio']:>8.3f}   (forward pass: forward_flops {r['analytic']:.4g})"
+            )
         else:
-            print(f"{r['estimator']:<22}{r['width']:>6}{r['analytic']:>12.4g}{100 * r['analytic_matmul'] / r['analytic']:>10.1f}"
-                  f"{r['xla']:>12.4g}{r['ratio']:>8.3f}{r['matmul_ratio']:>14.3f}")
+            share = 100 * r["analytic_matmul"] / r["analytic"]
+            print(
+                f"{r['estimator']:<22}{r['width']:>6}{r['analytic']:>12.4g}{share:>10.1f}"
+                f"{r['xla']:>12.4g}{r['ratio']:>8.3f}{r['matmul_ratio']:>14.3f}"
+            )
     _plot(rows, os.path.join(args.out, f"bench_flops_{cfg['name']}.png"))
     return store.entries
 
@@ -108,7 +121,8 @@ def _plot(rows, path):
     colors = plt.get_cmap("tab20")(np.linspace(0, 1, max(len(names), 2)))
     for name, color in zip(names, colors):
         pts = sorted((r["width"], r["ratio"]) for r in rows if r["estimator"] == name)
-        ax.plot(*zip(*pts), marker="s" if "fac" in name else "o", ls="--" if "fac" in name else "-", color=color, label=name)
+        fac = "fac" in name
+        ax.plot(*zip(*pts), marker="s" if fac else "o", ls="--" if fac else "-", color=color, label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.axhline(1.0, color="k", lw=0.5)

@@ -6,42 +6,15 @@ workload can reach: a forward pass is a chain of (chunk x 256) @ (256 x 256) pro
 
     python experiments/bench_montecarlo.py [--width 256 --layers 5 --samples 4e6]
 """
+
 from __future__ import annotations
 
 import argparse
-import os
-import sys
-import time
 
 import jax
-import jax.numpy as jnp
+from common import matmul_peak, network, time_compiled
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import cumjax as cj  # noqa: E402
-
-
-def _best_time(fn, *args, repeats=3):
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def matmul_peak(width, rows=8192, repeats=5):
-    """GFLOP/s of ``(rows, width) @ (width, width)`` chained 8 times (float32)."""
-    x = jax.random.normal(jax.random.PRNGKey(0), (rows, width), jnp.float32)
-    w = jax.random.normal(jax.random.PRNGKey(1), (width, width), jnp.float32) / width**0.5
-
-    @jax.jit
-    def chain(x, w):
-        for _ in range(8):
-            x = x @ w
-        return x
-
-    return 8 * 2 * rows * width * width / _best_time(chain, x, w, repeats=repeats) / 1e9
+import cumjax as cj
 
 
 def main(argv=None):
@@ -52,21 +25,22 @@ def main(argv=None):
     p.add_argument("--chunks", default="1024,2048,4096,16384,65536")
     args = p.parse_args(argv)
     n, L, samples = args.width, args.layers, int(float(args.samples))
-    spec = cj.MLPSpec(input_dim=n, width=n, output_dim=n, num_layers=L, activations=("relu",) * (L - 1))
-    params = cj.init_params(jax.random.PRNGKey(0), spec, cj.Init(kind="he"))
-    mean, cov = jnp.zeros(n), jnp.eye(n)
+    spec, params = network(0, n, L, "relu")
+    gaussian = cj.Gaussian.standard(n)
     per_sample = cj.forward_flops(spec)
     peak = matmul_peak(n)
     print(f"device: {jax.devices()[0]}  width {n}, {L} linear layers, {samples:.3g} samples, {per_sample} FLOPs/sample")
     print(f"matmul peak (float32 (8192x{n})@({n}x{n}), same run): {peak:8.1f} GFLOP/s")
     print(f"{'chunk':>8}{'time s':>10}{'GFLOP/s':>10}{'% of peak':>11}{'samples/s':>13}")
     for chunk in (int(c) for c in args.chunks.split(",")):
-        fn = jax.jit(lambda p, key, chunk=chunk: cj.monte_carlo(key, p, spec, mean, cov, samples, chunk_size=chunk))
-        t = _best_time(fn, params, jax.random.PRNGKey(1), repeats=2)
+        fn = lambda p, key, chunk=chunk: cj.monte_carlo(key, p, spec, gaussian, samples, chunk_size=chunk)  # noqa: E731
+        t = time_compiled(fn, params, jax.random.PRNGKey(1), repeats=2)["run_s"]
         gflops = samples * per_sample / t / 1e9
         print(f"{chunk:>8}{t:>10.3f}{gflops:>10.1f}{100 * gflops / peak:>10.1f}%{samples / t:>13.3g}")
-    print("FLOPs count the forward pass only (2*in*out per linear layer + bias + activation); sampling the "
-          "inputs and accumulating moments are extra work the sampler does on top.")
+    print(
+        "FLOPs count the forward pass only (2*in*out per linear layer + bias + activation); sampling the "
+        "inputs and accumulating moments are extra work the sampler does on top."
+    )
 
 
 if __name__ == "__main__":

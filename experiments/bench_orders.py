@@ -12,52 +12,31 @@
 Results are written atomically to ``<out>/bench_orders.json`` after every measurement, and a
 rerun skips what is already there (resume after interruption).
 """
+
 from __future__ import annotations
 
 import argparse
 import functools
 import json
 import os
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import enable_x64, fit_power_law, load_config, network, time_compiled, write_json_atomic
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import cumjax as cj  # noqa: E402
-from cumjax.results import write_json_atomic  # noqa: E402
-
-
-def _net(seed, width, layers, activation, dtype):
-    spec = cj.MLPSpec(input_dim=width, width=width, output_dim=width, num_layers=layers, activations=(activation,) * (layers - 1))
-    params = cj.init_params(jax.random.PRNGKey(seed), spec, cj.Init(kind="he"))
-    return spec, jax.tree_util.tree_map(lambda x: x.astype(dtype), params)
+import cumjax as cj
 
 
 def _time_estimate(spec, params, config, repeats=3):
-    mean, cov = jnp.zeros(spec.input_dim, params_dtype(params)), jnp.eye(spec.input_dim, dtype=params_dtype(params))
-    fn = jax.jit(lambda p: cj.estimate_mean(p, spec.activations, mean, cov, config))
-    t0 = time.perf_counter()
-    compiled = fn.lower(params).compile()
-    compile_s = time.perf_counter() - t0
-    jax.block_until_ready(compiled(params))
-    runs = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(params))
-        runs.append(time.perf_counter() - t0)
-    return compile_s, min(runs)
-
-
-def params_dtype(params):
-    return jax.tree_util.tree_leaves(params)[0].dtype
+    """``(compile s, fastest run s)`` of a jitted estimate of the output mean."""
+    g = cj.Gaussian.standard(spec.input_dim, jax.tree_util.tree_leaves(params)[0].dtype)
+    r = time_compiled(lambda p: cj.estimate_mean(p, spec, g, config), params, repeats=repeats)
+    return r["compile_s"], r["run_s"]
 
 
 def _slope(x, y):
-    x, y = np.log(np.asarray(x, float)), np.log(np.asarray(y, float))
-    return float(np.polyfit(x, y, 1)[0])
+    return fit_power_law(x, y)["slope"]
 
 
 def timing(cfg, results, save):
@@ -71,7 +50,10 @@ def timing(cfg, results, save):
             key = f"k{k}_n{w}"
             if key in out:
                 continue
-            times = [_time_estimate(*_net(0, w, depth, "relu", jnp.float32), config)[1] for depth in (short, long)]
+            times = [
+                _time_estimate(*network(0, w, depth, "relu", draw_dtype=jnp.float64), config)[1]
+                for depth in (short, long)
+            ]
             out[key] = dict(k=k, width=w, per_layer_s=max((times[1] - times[0]) / (long - short), 1e-9))
             save()
     print("\nwall time per hidden layer (float32, simple):")
@@ -87,12 +69,11 @@ def timing(cfg, results, save):
             print(f"{'':>6}  n={w:<5} {t * 1e3:10.3f} ms/layer")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _estimator(spec, k):
     """Jitted float64 estimate of the output mean, compiled once per (shape, k_max)."""
-    w = spec.input_dim
-    mean, cov = jnp.zeros(w, jnp.float64), jnp.eye(w, dtype=jnp.float64)
-    return jax.jit(lambda p: cj.estimate_mean(p, spec.activations, mean, cov, cj.PropagationConfig(k_max=k, output_degree=1)))
+    g = cj.Gaussian.standard(spec.input_dim, jnp.float64)
+    return jax.jit(lambda p: cj.estimate_mean(p, spec, g, cj.PropagationConfig(k_max=k, output_degree=1)))
 
 
 def accuracy(cfg, results, save):
@@ -104,35 +85,49 @@ def accuracy(cfg, results, save):
             key = f"n{w}_s{seed}"
             if key in out:
                 continue
-            spec, params = _net(1000 + seed, w, layers, act, jnp.float32)
-            mean, cov = jnp.zeros(w, jnp.float32), jnp.eye(w, dtype=jnp.float32)  # float32 compute, float64 sums
-            mc = cj.monte_carlo(jax.random.PRNGKey(seed), params, spec, mean, cov, samples, chunk_size=cfg.get("chunk", 1 << 14))
+            spec, params = network(1000 + seed, w, layers, act, draw_dtype=jnp.float64)
+            g = cj.Gaussian.standard(w, jnp.float32)  # float32 compute, float64 sums
+            mc = cj.monte_carlo(
+                jax.random.PRNGKey(seed), params, spec, g, samples, chunk_size=cfg.get("chunk", 1 << 14)
+            )
             label = f"pre{layers - 1}"
             gt, se2 = np.asarray(mc.mean[label], np.float64), np.asarray(mc.sem[label], np.float64) ** 2
             params64 = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float64), params)
             row = dict(width=w, seed=seed, noise_floor=float(se2.mean()), output_var=float(se2.mean() * samples))
             for k in orders:  # estimates in float64: their own rounding must not pollute the MSE
-                if w ** k > cfg.get("max_dense_entries", 2 ** 25):
+                if w**k > cfg.get("max_dense_entries", 2**25):
                     continue
                 est = _estimator(spec, k)(params64)
                 row[f"mse_k{k}"] = float(np.mean((np.asarray(est) - gt) ** 2))
             out[key] = row
             save()
-            print(f"  width {w} net {seed}: " + " ".join(f"k{k} {row.get(f'mse_k{k}', float('nan')):.2e}" for k in orders) + f"  floor {row['noise_floor']:.2e}")
-    print(f"\nMSE of the output mean vs Monte Carlo ({samples:.2g} samples; relu, {layers} linear layers), mean over networks:")
+            mses = " ".join(f"k{k} {row.get(f'mse_k{k}', float('nan')):.2e}" for k in orders)
+            print(f"  width {w} net {seed}: {mses}  floor {row['noise_floor']:.2e}")
+    print(
+        f"\nMSE of the output mean vs Monte Carlo ({samples:.2g} samples; relu, {layers} linear layers), "
+        "mean over networks:"
+    )
     print(f"{'width':>6}" + "".join(f"{'k=' + str(k):>12}" for k in orders) + f"{'MC floor':>12}")
     widths = sorted({r["width"] for r in out.values()})
     table = {}
     for w in widths:
         rows = [r for r in out.values() if r["width"] == w]
-        table[w] = {k: np.mean([r[f"mse_k{k}"] for r in rows if f"mse_k{k}" in r]) if any(f"mse_k{k}" in r for r in rows) else np.nan for k in orders}
+        table[w] = {
+            k: np.mean([r[f"mse_k{k}"] for r in rows if f"mse_k{k}" in r])
+            if any(f"mse_k{k}" in r for r in rows)
+            else np.nan
+            for k in orders
+        }
         floor = np.mean([r["noise_floor"] for r in rows])
         print(f"{w:>6}" + "".join(f"{table[w][k]:>12.3e}" for k in orders) + f"{floor:>12.3e}")
     print(f"{'slope':>6}", end="")
     for k in orders:
         # Fit only widths whose MSE stands clear of the noise floor (else the floor is fitted).
-        pts = [(w, table[w][k] - np.mean([r["noise_floor"] for r in out.values() if r["width"] == w]))
-               for w in widths if np.isfinite(table[w][k])]
+        pts = [
+            (w, table[w][k] - np.mean([r["noise_floor"] for r in out.values() if r["width"] == w]))
+            for w in widths
+            if np.isfinite(table[w][k])
+        ]
         pts = [(w, m) for w, m in pts if m > 2 * np.mean([r["noise_floor"] for r in out.values() if r["width"] == w])]
         s = _slope(*zip(*pts)) if len(pts) >= 2 else float("nan")
         results.setdefault("mse_slopes", {})[str(k)] = dict(slope=s, theory=-k, widths=[w for w, _ in pts])
@@ -146,23 +141,24 @@ def compile_times(cfg, results, save):
         for depth in cfg["compile_depths"]:
             key = f"k{k}_L{depth}"
             if key not in out:
-                spec, params = _net(0, cfg["compile_width"], depth, "relu", jnp.float32)
+                spec, params = network(0, cfg["compile_width"], depth, "relu", draw_dtype=jnp.float64)
                 c, r = _time_estimate(spec, params, cj.PropagationConfig(k_max=k, output_degree=1), repeats=1)
                 out[key] = dict(k=k, layers=depth, compile_s=c, run_s=r)
                 save()
     print(f"\ncompile and run time at width {cfg['compile_width']} (float32, simple, jit):")
-    for key, r in out.items():
+    for r in out.values():
         print(f"  k_max={r['k']} layers={r['layers']:>3}: compile {r['compile_s']:6.2f} s  run {r['run_s']:8.4f} s")
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "bench_orders_smoke.json"))
+    p.add_argument(
+        "--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "bench_orders_smoke.json")
+    )
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
-    jax.config.update("jax_enable_x64", True)  # float64 accumulation; arrays are created with explicit dtypes
-    with open(args.config) as f:
-        cfg = json.load(f)
+    enable_x64()  # float64 accumulation; arrays are created with explicit dtypes
+    cfg = load_config(args.config)
     path = os.path.join(args.out, f"bench_orders_{cfg['name']}.json")
     results = json.load(open(path)) if os.path.exists(path) else {}
     save = lambda: write_json_atomic(results, path)  # noqa: E731

@@ -29,26 +29,38 @@ Writes ``<out>/distill_<name>.json`` after every finished run (a rerun skips the
 ``<out>/distill_<name>.png`` (learning curves vs cumulative FLOPs); runs in progress checkpoint to
 ``<out>/distill_<name>_ckpt/`` every ``eval_every`` steps and resume from there.
 """
+
 from __future__ import annotations
 
 import argparse
 import functools
 import os
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from common import ResultStore, enable_x64, load_config, save_figure_atomic
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import cumjax as cj  # noqa: E402
-from cumjax import train as tr  # noqa: E402
-from cumjax.results import ResultStore, load_config, save_figure_atomic  # noqa: E402
+import cumjax as cj
+from cumjax import train as tr
 
-REQUIRED = ("input_dim", "width", "output_dim", "layers", "activation", "seeds", "estimators", "steps",
-            "eval_every", "lr", "teacher_samples", "eval_samples", "eval_groups")
+REQUIRED = (
+    "input_dim",
+    "width",
+    "output_dim",
+    "layers",
+    "activation",
+    "seeds",
+    "estimators",
+    "steps",
+    "eval_every",
+    "lr",
+    "teacher_samples",
+    "eval_samples",
+    "eval_groups",
+)
 _EST = re.compile(r"^k([1-4])_(simple|augment)$")
 
 
@@ -70,7 +82,12 @@ def check_config(cfg: dict) -> None:
         raise ValueError("need eval_groups >= 3 and >= 2 eval samples per group")
     if cfg.get("schedule", "cosine") not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.get('schedule')!r}")
-    cj.MLPSpec(cfg["input_dim"], cfg["width"], cfg["output_dim"], cfg["layers"], cfg["activation"], use_bias=True)
+    _spec(cfg)
+
+
+def _spec(cfg: dict) -> cj.MLPSpec:
+    init = cj.Init(kind="he", b_var=float(cfg.get("bias_var", 0.1)))
+    return cj.MLPSpec(cfg["input_dim"], cfg["width"], cfg["output_dim"], cfg["layers"], cfg["activation"], True, init)
 
 
 def estimator_config(name: str) -> cj.PropagationConfig:
@@ -83,12 +100,10 @@ class Problem:
 
     def __init__(self, cfg: dict, seed: int):
         self.cfg, self.seed = cfg, seed
-        self.spec = cj.MLPSpec(cfg["input_dim"], cfg["width"], cfg["output_dim"], cfg["layers"], cfg["activation"], use_bias=True)
-        init = cj.Init(kind="he", b_var=float(cfg.get("bias_var", 0.1)))
-        self.teacher = cj.init_params(jax.random.PRNGKey(1000 + seed), self.spec, init, dtype=jnp.float32)
-        self.student = cj.init_params(jax.random.PRNGKey(2000 + seed), self.spec, init, dtype=jnp.float32)
-        d = self.spec.input_dim
-        self.mean, self.cov = jnp.zeros(d, jnp.float32), jnp.eye(d, dtype=jnp.float32)
+        self.spec = _spec(cfg)
+        self.teacher = cj.init_params(jax.random.PRNGKey(1000 + seed), self.spec, dtype=jnp.float32)
+        self.student = cj.init_params(jax.random.PRNGKey(2000 + seed), self.spec, dtype=jnp.float32)
+        self.gaussian = cj.Gaussian.standard(self.spec.input_dim, jnp.float32)
         self.target = None
 
     def set_target(self, entry: dict) -> None:
@@ -99,19 +114,34 @@ class Problem:
         each group's mean and ddof-1 covariance are unbiased, so their averages are too; with
         ``teacher_samples == eval_samples`` this reuses the evaluation's compiled sampler)."""
         n, groups = int(float(self.cfg["teacher_samples"])), int(self.cfg["eval_groups"])
-        m = tr.monte_carlo_moments(jax.random.PRNGKey(3000 + self.seed), self.teacher, self.spec, self.mean, self.cov, n,
-                                   groups, chunk_size=self.cfg.get("chunk"))
+        m = tr.monte_carlo_moments(
+            jax.random.PRNGKey(3000 + self.seed),
+            self.teacher,
+            self.spec,
+            self.gaussian,
+            n,
+            groups,
+            chunk_size=self.cfg.get("chunk"),
+        )
         mean, cov = np.asarray(m.mean, np.float64).mean(0), np.asarray(m.cov, np.float64).mean(0)
         return dict(mean=mean.tolist(), cov=cov.tolist(), samples=n, mean_se=np.sqrt(np.diag(cov) / n).tolist())
 
     @property
     def data(self) -> tr.MomentProblem:
-        return tr.MomentProblem(self.target, self.mean, self.cov)
+        return tr.MomentProblem(self.target, self.gaussian)
 
     def evaluate(self, params, step):
         key = jax.random.fold_in(jax.random.PRNGKey(4000 + self.seed), step)  # same samples for every run at a step
-        return tr.monte_carlo_loss(key, params, self.spec, self.target, self.mean, self.cov, int(float(self.cfg["eval_samples"])),
-                                   int(self.cfg["eval_groups"]), chunk_size=self.cfg.get("chunk"))
+        return tr.monte_carlo_loss(
+            key,
+            params,
+            self.spec,
+            self.gaussian,
+            self.target,
+            int(float(self.cfg["eval_samples"])),
+            int(self.cfg["eval_groups"]),
+            chunk_size=self.cfg.get("chunk"),
+        )
 
 
 def measure_flops(problem: Problem, estimators) -> dict:
@@ -120,29 +150,43 @@ def measure_flops(problem: Problem, estimators) -> dict:
     XLA's counts at two batch sizes give its per-sample and fixed parts exactly."""
     cfg, p = problem.cfg, problem.student
     ref = int(cfg.get("flops_ref_batch", 1024))
-    x = tr.gaussian_batch(jax.random.PRNGKey(0), problem.mean, problem.cov, ref)
+    x = tr.gaussian_batch(jax.random.PRNGKey(0), problem.gaussian, ref)
     grad_mc = jax.grad(lambda q, x: tr.sampled_loss(q, problem.spec, x, problem.target))
     big, small = cj.compiled_flops(grad_mc, p, x), cj.compiled_flops(grad_mc, p, x[: ref // 2])
     per_sample = (big - small) / (ref - ref // 2)
     fixed = big - per_sample * ref
-    out = dict(mc_per_sample=per_sample, mc_fixed=fixed, mc_per_sample_analytic=3.0 * cj.forward_flops(problem.spec),
-               forward_per_sample=float(cj.forward_flops(problem.spec)), estimators={})
+    out = dict(
+        mc_per_sample=per_sample,
+        mc_fixed=fixed,
+        mc_per_sample_analytic=3.0 * cj.forward_flops(problem.spec),
+        forward_per_sample=float(cj.forward_flops(problem.spec)),
+        estimators={},
+    )
     for name in estimators:
         config = estimator_config(name)
-        unrolled = lambda q: tr.estimated_loss(q, problem.spec, config, problem.target, problem.mean, problem.cov, unroll=True)  # noqa: E731
+        unrolled = lambda q: tr.estimated_loss(
+            q,
+            problem.spec,
+            problem.gaussian,
+            config,
+            problem.target,  # noqa: E731
+            unroll=True,
+        )
         grad_flops = cj.compiled_flops(jax.grad(unrolled), p)
         batch = max(int(cfg.get("min_batch", 4)), 2 * int(round((grad_flops - fixed) / per_sample / 2)))
         row = dict(grad_flops=grad_flops, batch=batch, mc_step_flops=fixed + per_sample * batch)
         if cfg.get("forward_flops", False):  # the mean-only forward estimate, for the backward/forward ratio
-            row["forward_mean_flops"] = cj.estimator_flops(p, problem.spec.activations, problem.mean, problem.cov, config)
+            row["forward_mean_flops"] = cj.estimator_flops(p, problem.spec, problem.gaussian, config)
         out["estimators"][name] = row
-        print(f"  {name}: estimator gradient {grad_flops:.3g} FLOPs"
-              + (f" (mean-only forward {row['forward_mean_flops']:.3g})" if "forward_mean_flops" in row else "")
-              + f"; matched Monte Carlo batch {batch} ({row['mc_step_flops']:.3g} FLOPs/step)")
+        print(
+            f"  {name}: estimator gradient {grad_flops:.3g} FLOPs"
+            + (f" (mean-only forward {row['forward_mean_flops']:.3g})" if "forward_mean_flops" in row else "")
+            + f"; matched Monte Carlo batch {batch} ({row['mc_step_flops']:.3g} FLOPs/step)"
+        )
     return out
 
 
-@functools.lru_cache(maxsize=None)  # one object per setting: fit's compiled steps are shared across seeds
+@functools.cache  # one object per setting: fit's compiled steps are shared across seeds
 def optimizer(lr: float, schedule: str, steps: int) -> optax.GradientTransformation:
     return optax.adam(optax.cosine_decay_schedule(lr, steps) if schedule == "cosine" else lr)
 
@@ -155,15 +199,36 @@ def run(problem: Problem, kind: str, name: str, flops: dict, ckpt_dir: str) -> d
     else:
         loss_fn, per_step = tr.sampled_objective(problem.spec, e["batch"]), e["mc_step_flops"]
     label = f"{kind}_{name}_s{problem.seed}"
-    meta = dict(run=label, lr=cfg["lr"], schedule=cfg.get("schedule", "cosine"), batch=e["batch"] if kind == "mc" else None)
+    meta = dict(
+        run=label, lr=cfg["lr"], schedule=cfg.get("schedule", "cosine"), batch=e["batch"] if kind == "mc" else None
+    )
     opt = optimizer(float(cfg["lr"]), cfg.get("schedule", "cosine"), int(cfg["steps"]))
-    _, curve = tr.fit(loss_fn, problem.student, opt, int(cfg["steps"]), key=jax.random.PRNGKey(5000 + problem.seed),
-                      data=problem.data, eval_every=int(cfg["eval_every"]), evaluate=problem.evaluate, flops_per_step=per_step,
-                      checkpoint=os.path.join(ckpt_dir, label + ".msgpack"), meta=meta, progress=label)
+    _, curve = tr.fit(
+        loss_fn,
+        problem.student,
+        opt,
+        int(cfg["steps"]),
+        key=jax.random.PRNGKey(5000 + problem.seed),
+        data=problem.data,
+        eval_every=int(cfg["eval_every"]),
+        evaluate=problem.evaluate,
+        flops_per_step=per_step,
+        checkpoint=os.path.join(ckpt_dir, label + ".msgpack"),
+        meta=meta,
+        progress=label,
+    )
     final = curve[-1]
-    print(f"  {label}: MC-evaluated loss {curve[0]['eval_loss']:.4g} -> {final['eval_loss']:.4g} +- {final['eval_se']:.2g}")
-    return dict(curve=curve, final_loss=final["eval_loss"], final_se=final["eval_se"], flops_per_step=per_step,
-                batch=e["batch"] if kind == "mc" else None)
+    print(
+        f"  {label}: MC-evaluated loss {curve[0]['eval_loss']:.4g} -> {final['eval_loss']:.4g} "
+        f"+- {final['eval_se']:.2g}"
+    )
+    return dict(
+        curve=curve,
+        final_loss=final["eval_loss"],
+        final_se=final["eval_se"],
+        flops_per_step=per_step,
+        batch=e["batch"] if kind == "mc" else None,
+    )
 
 
 def summarise(cfg: dict, store: ResultStore) -> dict:
@@ -178,10 +243,16 @@ def summarise(cfg: dict, store: ResultStore) -> dict:
                 continue
             finals = np.array([r["final_loss"] for r in runs])
             own = np.array([r["curve"][-1]["train_loss"] for r in runs])  # the loss the run itself saw last
-            row[kind] = dict(final_mean=float(finals.mean()), final_own_loss_mean=float(own.mean()),
-                             final_se_seeds=float(finals.std(ddof=1) / np.sqrt(len(finals))) if len(finals) > 1 else None,
-                             final_mc_se=float(np.sqrt(np.sum(np.square([r["final_se"] for r in runs]))) / len(runs)),
-                             finals=finals.tolist(), flops_per_step=runs[0]["flops_per_step"], batch=runs[0]["batch"])
+            se_seeds = float(finals.std(ddof=1) / np.sqrt(len(finals))) if len(finals) > 1 else None
+            row[kind] = dict(
+                final_mean=float(finals.mean()),
+                final_own_loss_mean=float(own.mean()),
+                final_se_seeds=se_seeds,
+                final_mc_se=float(np.sqrt(np.sum(np.square([r["final_se"] for r in runs]))) / len(runs)),
+                finals=finals.tolist(),
+                flops_per_step=runs[0]["flops_per_step"],
+                batch=runs[0]["batch"],
+            )
         if "est" in row and "mc" in row:
             row["est_over_mc"] = row["est"]["final_mean"] / row["mc"]["final_mean"]
         out[name] = row
@@ -204,11 +275,23 @@ def plot(cfg: dict, store: ResultStore, path: str) -> None:
             flops = np.array([r["flops"] for r in runs[0]["curve"]])
             losses = np.array([[r["eval_loss"] for r in run["curve"]] for run in runs])
             mean = losses.mean(0)
-            se = losses.std(0, ddof=1) / np.sqrt(len(runs)) if len(runs) > 1 else np.array([r["eval_se"] for r in runs[0]["curve"]])
+            if len(runs) > 1:
+                se = losses.std(0, ddof=1) / np.sqrt(len(runs))
+            else:
+                se = np.array([r["eval_se"] for r in runs[0]["curve"]])
             label = f"{name} estimator" if kind == "est" else f"sampling, batch {runs[0]['batch']} (= {name} FLOPs)"
             keep = flops > 0  # log axis: the shared initial point is drawn at the first checkpoint's x
-            ax.errorbar(flops[keep], np.maximum(mean[keep], 1e-12), yerr=se[keep], fmt=style, color=colors[i % len(colors)],
-                        marker="o" if kind == "est" else "s", ms=3, capsize=2, label=label)
+            ax.errorbar(
+                flops[keep],
+                np.maximum(mean[keep], 1e-12),
+                yerr=se[keep],
+                fmt=style,
+                color=colors[i % len(colors)],
+                marker="o" if kind == "est" else "s",
+                ms=3,
+                capsize=2,
+                label=label,
+            )
     first = [store[k]["curve"][0]["eval_loss"] for k in store.entries if k.startswith("est_")]
     if first:
         ax.axhline(np.mean(first), ls=":", color="gray", lw=1, label="initial student")
@@ -216,7 +299,9 @@ def plot(cfg: dict, store: ResultStore, path: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("cumulative training FLOPs (XLA count of the gradient)")
     ax.set_ylabel("moment-matching loss (independent Monte Carlo)")
-    ax.set_title(f"distillation, {cfg['activation']} width {cfg['width']}, {cfg['layers']} layers, {len(cfg['seeds'])} seeds")
+    ax.set_title(
+        f"distillation, {cfg['activation']} width {cfg['width']}, {cfg['layers']} layers, {len(cfg['seeds'])} seeds"
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure_atomic(fig, path, dpi=120)
@@ -224,12 +309,15 @@ def plot(cfg: dict, store: ResultStore, path: str) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "distill_smoke.json"))
+    p.add_argument(
+        "--config",
+        default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "distill_smoke.json"),
+    )
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     check_config(cfg)
-    jax.config.update("jax_enable_x64", True)  # float64 Monte Carlo sums; params and losses stay float32
+    enable_x64()  # float64 Monte Carlo sums; params and losses stay float32
     base = os.path.join(args.out, cfg["name"])  # the config file stem, e.g. distill_smoke
     store = ResultStore(base + ".json", meta={k: v for k, v in cfg.items() if k != "name"})
     print(f"device: {jax.devices()[0]}  config: {cfg['name']}")
@@ -244,13 +332,21 @@ def main(argv=None) -> dict:
     store.data["summary"] = summary
     store.put("done", True)
     plot(cfg, store, base + ".png")
-    print(f"\nfinal moment-matching loss (Monte Carlo, mean over {len(cfg['seeds'])} seeds +- SE across seeds, or the Monte Carlo SE for one seed):")
-    print(f"{'estimator':>12}{'FLOPs/step':>12}{'through estimator':>24}{'(its own estimate)':>20}{'MC batch':>10}"
-          f"{'sampled, equal FLOPs':>24}{'est / sampled':>15}")
+    print(
+        f"\nfinal moment-matching loss (Monte Carlo, mean over {len(cfg['seeds'])} seeds +- SE across seeds, "
+        "or the Monte Carlo SE for one seed):"
+    )
+    print(
+        f"{'estimator':>12}{'FLOPs/step':>12}{'through estimator':>24}{'(its own estimate)':>20}{'MC batch':>10}"
+        f"{'sampled, equal FLOPs':>24}{'est / sampled':>15}"
+    )
     for name, row in summary.items():
         fmt = lambda r: f"{r['final_mean']:.4g} +- {r['final_se_seeds'] or r['final_mc_se']:.2g}"  # noqa: E731
-        print(f"{name:>12}{row['est']['flops_per_step']:>12.3g}{fmt(row['est']):>24}{row['est']['final_own_loss_mean']:>20.3g}"
-              f"{row['mc']['batch']:>10}{fmt(row['mc']):>24}{row['est_over_mc']:>15.3g}")
+        est, mc = row["est"], row["mc"]
+        print(
+            f"{name:>12}{est['flops_per_step']:>12.3g}{fmt(est):>24}{est['final_own_loss_mean']:>20.3g}"
+            f"{mc['batch']:>10}{fmt(mc):>24}{row['est_over_mc']:>15.3g}"
+        )
     print(f"wrote {base}.json and {base}.png")
     return store.data
 

@@ -16,24 +16,22 @@ skipped with the reason (and retried on a rerun).
 Writes ``<out>/mse_vs_flops_<name>.json`` after every ground truth and every variant (a rerun
 resumes), and ``<out>/mse_vs_flops_<name>.png``. Ground truths are cached in ``<out>/gt_cache``.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
 import re
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import ResultStore, compare_to_truth, enable_x64, load_config, save_figure_atomic, timed, write_json_atomic
+from common import networks as stacked_networks
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-import cumjax as cj  # noqa: E402
-from cumjax import flops  # noqa: E402
-from cumjax import groundtruth as gt  # noqa: E402
-from cumjax.propagate import estimated_bytes  # noqa: E402
-from cumjax.results import ResultStore, load_config, save_figure_atomic, write_json_atomic  # noqa: E402
+import cumjax as cj
+from cumjax import flops
+from cumjax import groundtruth as gt
 
 REQUIRED = ("width", "layers", "activations", "networks", "gt_samples", "orders", "kinds")
 DTYPES = {"float32": jnp.float32, "float64": jnp.float64}
@@ -60,7 +58,8 @@ def check_config(cfg: dict, required=REQUIRED) -> None:
             raise ValueError(f"unknown kind {kind!r}; choose from {cj.KINDS}")
     for name, dt in {"": cfg.get("estimator_dtype", "float64"), **cfg.get("estimator_dtypes", {})}.items():
         if dt not in DTYPES:
-            raise ValueError(f"estimator_dtype{'s[' + repr(name) + ']' if name else ''} must be one of {sorted(DTYPES)}, got {dt!r}")
+            where = f"estimator_dtypes[{name!r}]" if name else "estimator_dtype"
+            raise ValueError(f"{where} must be one of {sorted(DTYPES)}, got {dt!r}")
     if int(float(cfg["gt_samples"])) < 2:
         raise ValueError("gt_samples must be >= 2")
 
@@ -82,33 +81,45 @@ def init_of(cfg) -> cj.Init:
 
 
 def make_spec(width: int, layers: int, activation: str, init: cj.Init | None = None) -> cj.MLPSpec:
-    spec = cj.MLPSpec(input_dim=width, width=width, output_dim=width, num_layers=layers, activations=activation)
-    return spec if init is None else spec.with_bias_for(init)
+    return cj.MLPSpec(
+        input_dim=width,
+        width=width,
+        output_dim=width,
+        num_layers=layers,
+        activations=activation,
+        init=init or cj.Init(),
+    )
 
 
 def networks(cfg, spec: cj.MLPSpec):
-    """``networks`` float32 MLPs (:func:`init_of`) stacked on a leading axis (seeds seed..seed+B-1;
-    the same weights for every activation of one width)."""
-    seed = int(cfg.get("seed", 0))
-    ps = [cj.init_params(jax.random.PRNGKey(seed + i), spec, init_of(cfg), dtype=jnp.float32)
-          for i in range(int(cfg["networks"]))]
-    return gt.stack_networks(ps)
+    """``networks`` float32 MLPs drawn from ``spec.init`` stacked on a leading axis (seeds
+    seed..seed+B-1; the same weights for every activation of one width)."""
+    return stacked_networks(int(cfg.get("seed", 0)), int(cfg["networks"]), spec, jnp.float32)
 
 
 def truth_for(cfg, spec, params, cache_dir, progress=True, max_blocks=None):
     """The cached ground truth of the output (mean, sem (B, n)), the sample count and seconds.
     max_blocks: sample at most that many more blocks, and use the samples done so far (a partial
     ground truth, with its larger noise floor) if that does not finish it; None if none are done."""
-    w = spec.input_dim
-    t0 = time.perf_counter()
-    res = gt.ground_truth(params, spec, jnp.zeros(w, jnp.float32), jnp.eye(w, dtype=jnp.float32),
-                          int(float(cfg["gt_samples"])), int(cfg.get("gt_seed", 0)), cache_dir=cache_dir,
-                          chunk_size=cfg.get("gt_chunk"), block_chunks=int(cfg.get("gt_block_chunks", 16)),
-                          max_blocks=max_blocks, partial=max_blocks is not None, progress=progress)
+    res, secs = timed(
+        lambda: gt.ground_truth(
+            params,
+            spec,
+            cj.Gaussian.standard(spec.input_dim, jnp.float32),
+            int(float(cfg["gt_samples"])),
+            int(cfg.get("gt_seed", 0)),
+            cache_dir=cache_dir,
+            chunk_size=cfg.get("gt_chunk"),
+            block_chunks=int(cfg.get("gt_block_chunks", 16)),
+            max_blocks=max_blocks,
+            partial=max_blocks is not None,
+            progress=progress,
+        )
+    )
     if res is None:
         return None
     label = spec.labels[-1]
-    return np.asarray(res.mean[label]), np.asarray(res.sem[label]), res.num_samples, time.perf_counter() - t0
+    return np.asarray(res.mean[label]), np.asarray(res.sem[label]), res.num_samples, secs
 
 
 def estimator_dtype(cfg, config: cj.PropagationConfig) -> str:
@@ -122,10 +133,10 @@ def flop_report(cfg, spec, params, config: cj.PropagationConfig) -> dict:
     the unrolled program (``xla_flops``, default true), or the analytic count alone."""
     dtype = DTYPES[estimator_dtype(cfg, config)]
     single = jax.tree_util.tree_map(lambda x: jnp.asarray(x[0], dtype), params)
-    mean, cov = jnp.zeros(spec.input_dim, dtype), jnp.eye(spec.input_dim, dtype=dtype)
+    g = cj.Gaussian.standard(spec.input_dim, dtype)
     if cfg.get("xla_flops", True):
-        return flops.estimator_flop_report(single, spec.activations, mean, cov, config)
-    return dict(analytic=cj.estimator_flops(single, spec.activations, mean, cov, config))
+        return flops.estimator_flop_report(single, spec, g, config)
+    return dict(analytic=cj.estimator_flops(single, spec, g, config))
 
 
 def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None) -> dict:
@@ -136,15 +147,14 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None
     rerun starts after them (an interrupted hour-long variant loses at most one group)."""
     dtype_name = estimator_dtype(cfg, config)
     dtype = DTYPES[dtype_name]
-    w = spec.input_dim
-    mean, cov = jnp.zeros(w, dtype), jnp.eye(w, dtype=dtype)
+    g = cj.Gaussian.standard(spec.input_dim, dtype)
     params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
     B = jax.tree_util.tree_leaves(params)[0].shape[0]
     # vmap over as many networks at once as fit the memory budget (k_max >= 3 at large widths: one)
-    per_net = estimated_bytes(spec.width, spec.num_layers, config, jnp.dtype(dtype).itemsize)
+    per_net = cj.estimated_bytes(spec.width, spec.num_layers, config, jnp.dtype(dtype).itemsize)
     budget = float(cfg.get("vmap_bytes", 4e9))
     batch = int(max(1, min(B, budget // max(per_net, 1))))
-    one = lambda p: cj.estimate_mean(p, spec.activations, mean, cov, config)  # noqa: E731
+    one = lambda p: cj.estimate_mean(p, spec, g, config)  # noqa: E731
     fn = jax.jit(lambda ps: jax.lax.map(one, ps, batch_size=batch))
     store, pkey = checkpoint if checkpoint is not None else (None, None)
     old = store.entries.get(pkey) if store is not None else None
@@ -152,20 +162,28 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None
     done = [np.asarray(e) for e in old["estimates"]] if resume else []
     run_total, compile_s, compiled = (old["run_s_total"] if resume else 0.0), 0.0, {}
     try:
-        report = flop_report(cfg, spec, params, config)  # first: its trace meets the memory guard while this process holds nothing yet
+        # first: its trace meets the memory guard while this process holds nothing yet
+        report = flop_report(cfg, spec, params, config)
         for i in range(len(done), B, batch):
-            part = jax.tree_util.tree_map(lambda x: x[i:i + batch], params)
+            part = jax.tree_util.tree_map(lambda x, i=i: x[i : i + batch], params)
             size = min(batch, B - i)
             if size not in compiled:
-                t0 = time.perf_counter()
-                compiled[size] = fn.lower(part).compile()
-                compile_s += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            done.extend(np.asarray(jax.block_until_ready(compiled[size](part))))
-            run_total += time.perf_counter() - t0
+                compiled[size], secs = timed(lambda part=part: fn.lower(part).compile())
+                compile_s += secs
+            out, secs = timed(compiled[size], part)
+            done.extend(np.asarray(out))
+            run_total += secs
             if store is not None:
-                store.put(pkey, dict(status="partial", dtype=dtype_name, run_s_total=run_total, compile_s=compile_s,
-                                     estimates=[e.tolist() for e in done]))
+                store.put(
+                    pkey,
+                    dict(
+                        status="partial",
+                        dtype=dtype_name,
+                        run_s_total=run_total,
+                        compile_s=compile_s,
+                        estimates=[e.tolist() for e in done],
+                    ),
+                )
         est = np.stack(done)
         fl = report["analytic"]
     except (MemoryError, NotImplementedError) as e:
@@ -180,8 +198,16 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None
         return dict(status="failed", reason="non-finite estimate")
     if resume and not compiled:  # every network was done before: report that run's compile time
         compile_s = old.get("compile_s", 0.0)
-    return dict(status="ok", estimates=est, flops=fl, flop_report=report, run_s=run_total / B, compile_s=compile_s,
-                vmap_batch=batch, dtype=dtype_name)
+    return dict(
+        status="ok",
+        estimates=est,
+        flops=fl,
+        flop_report=report,
+        run_s=run_total / B,
+        compile_s=compile_s,
+        vmap_batch=batch,
+        dtype=dtype_name,
+    )
 
 
 EST_KEYS = ("width", "widths", "layers", "networks", "seed", "init", "estimator_dtype", "xla_flops")
@@ -193,8 +219,19 @@ def estimates_store(path: str, cfg: dict) -> ResultStore:
     return ResultStore(path, meta={k: cfg[k] for k in EST_KEYS if k in cfg})
 
 
-def evaluate(store: ResultStore, key: str, cfg, spec, params, truth, config, redo=None, estimates=None,
-             exclude=None, recount=None) -> dict | None:
+def evaluate(
+    store: ResultStore,
+    key: str,
+    cfg,
+    spec,
+    params,
+    truth,
+    config,
+    redo=None,
+    estimates=None,
+    exclude=None,
+    recount=None,
+) -> dict | None:
     """Score one variant against the truth, through the stores (skipped/failed entries are
     retried); with ``truth`` None only compute and store the estimates (returns None).
     exclude: regex of keys not to run now (a stored score is kept; otherwise recorded as skipped,
@@ -207,7 +244,9 @@ def evaluate(store: ResultStore, key: str, cfg, spec, params, truth, config, red
             return None
         if old is not None and old.get("status") == "ok":
             return old
-        r = dict(estimator=config.name, status="skipped", reason=f"excluded on the command line (--exclude {exclude!r})")
+        r = dict(
+            estimator=config.name, status="skipped", reason=f"excluded on the command line (--exclude {exclude!r})"
+        )
         store.put(key, r)
         return r
     redo = bool(redo and re.search(redo, key))
@@ -228,9 +267,17 @@ def evaluate(store: ResultStore, key: str, cfg, spec, params, truth, config, red
         return None
     mean, sem, n, _ = truth
     if r["status"] == "ok":
-        score = gt.compare_to_truth(r["estimates"], mean, sem, n, r["flops"], cj.forward_flops(spec))
-        r = dict(status="ok", estimator=config.name, **score, flop_report=r["flop_report"], run_s=r["run_s"],
-                 compile_s=r["compile_s"], vmap_batch=r["vmap_batch"], dtype=r.get("dtype", estimator_dtype(cfg, config)))
+        score = compare_to_truth(r["estimates"], mean, sem, n, r["flops"], cj.forward_flops(spec))
+        r = dict(
+            status="ok",
+            estimator=config.name,
+            **score,
+            flop_report=r["flop_report"],
+            run_s=r["run_s"],
+            compile_s=r["compile_s"],
+            vmap_batch=r["vmap_batch"],
+            dtype=r.get("dtype", estimator_dtype(cfg, config)),
+        )
     else:
         r = dict(estimator=config.name, **r)
     store.put(key, r)
@@ -248,7 +295,10 @@ def fmt_row(r: dict) -> str:
     return f"{r['estimator']:<22}{mse:>22}{r['mse']:>11.3e}{r['flops']:>11.3e}{ratio:>28}{r['run_s']:>9.3f}"
 
 
-HEADER = f"{'estimator':<22}{'MSE - floor (+-se)':>22}{'raw MSE':>11}{'FLOPs':>11}{'MC FLOPs to match / FLOPs':>28}{'run s':>9}"
+HEADER = (
+    f"{'estimator':<22}{'MSE - floor (+-se)':>22}{'raw MSE':>11}{'FLOPs':>11}{'MC FLOPs to match / FLOPs':>28}"
+    f"{'run s':>9}"
+)
 
 
 # ----------------------------------------------------------------------------- this experiment
@@ -269,16 +319,32 @@ def plot(summary: dict, path: str) -> None:
         fl = [r["flops"] for r in ok] + [fwd]
         m = np.logspace(np.log10(max(min(fl) / fwd / 10, 1)), np.log10(max(fl) / fwd * 10 + 10), 100)
         ax.plot(m * fwd, var / m, "k-", label="Monte Carlo: var / m")
-        ax.axhline(s["noise_floor"], color="gray", ls=":", label=f"ground-truth noise floor ({s['gt_samples']:.2g} samples)")
+        ax.axhline(
+            s["noise_floor"], color="gray", ls=":", label=f"ground-truth noise floor ({s['gt_samples']:.2g} samples)"
+        )
         for i, r in enumerate(ok):
             c = f"C{i % 10}"
             if r["resolved"]:
                 err = [[r["excess_se"]], [r["excess_se"]]]
-                ax.errorbar(r["flops"], r["excess"], yerr=err, fmt="o", color=c, capsize=3,
-                            label=f"{r['estimator']} ({r['ratio']:.3g}x)")
+                ax.errorbar(
+                    r["flops"],
+                    r["excess"],
+                    yerr=err,
+                    fmt="o",
+                    color=c,
+                    capsize=3,
+                    label=f"{r['estimator']} ({r['ratio']:.3g}x)",
+                )
             else:
-                ax.errorbar(r["flops"], r["mse_upper"], yerr=[[r["mse_upper"] * 0.5], [0]], uplims=True, fmt="v", color=c,
-                            label=f"{r['estimator']} (< bound, >= {r['ratio_lower']:.3g}x)")
+                ax.errorbar(
+                    r["flops"],
+                    r["mse_upper"],
+                    yerr=[[r["mse_upper"] * 0.5], [0]],
+                    uplims=True,
+                    fmt="v",
+                    color=c,
+                    label=f"{r['estimator']} (< bound, >= {r['ratio_lower']:.3g}x)",
+                )
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_xlabel("FLOPs")
@@ -292,7 +358,9 @@ def plot(summary: dict, path: str) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "mse_vs_flops_smoke.json"))
+    p.add_argument(
+        "--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "mse_vs_flops_smoke.json")
+    )
     p.add_argument("--out", default="results")
     p.add_argument("--activations", default=None, help="comma-separated subset of the config's activations")
     p.add_argument("--redo", default=None, help="regex: recompute the variants whose key matches")
@@ -300,8 +368,12 @@ def main(argv=None) -> dict:
     p.add_argument("--recount", default=None, help="regex: rescore stored estimates with a fresh FLOP count")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--estimates-only", action="store_true", help="compute and store the estimates, no ground truth")
-    p.add_argument("--truth-blocks", type=int, default=None,
-                   help="sample at most this many more ground-truth blocks and score against the samples done so far")
+    p.add_argument(
+        "--truth-blocks",
+        type=int,
+        default=None,
+        help="sample at most this many more ground-truth blocks and score against the samples done so far",
+    )
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     check_config(cfg)
@@ -309,7 +381,7 @@ def main(argv=None) -> dict:
     bad = [a for a in acts if a not in cfg["activations"]]
     if bad:
         raise ValueError(f"activations {bad} are not in the config ({cfg['activations']})")
-    jax.config.update("jax_enable_x64", True)  # float64 accumulation; arrays carry explicit dtypes
+    enable_x64()  # float64 accumulation; arrays carry explicit dtypes
 
     name = f"mse_vs_flops_{cfg['name']}"
     meta = {k: v for k, v in cfg.items() if k != "activations"}
@@ -324,7 +396,8 @@ def main(argv=None) -> dict:
         if args.estimates_only:
             for config in variants(cfg):
                 evaluate(store, f"{act}/{config.name}", cfg, spec, params, None, config, args.redo, est, args.exclude)
-                print(f"  {act} {config.name}: {est.entries.get(f'{act}/{config.name}', {}).get('status', 'excluded')}", flush=True)
+                status = est.entries.get(f"{act}/{config.name}", {}).get("status", "excluded")
+                print(f"  {act} {config.name}: {status}", flush=True)
             continue
         truth = truth_for(cfg, spec, params, cache, progress=not args.no_progress, max_blocks=args.truth_blocks)
         if truth is None:
@@ -337,21 +410,56 @@ def main(argv=None) -> dict:
                 del store.entries[k]
         if tkey not in store:
             floor = float(np.mean(sem.astype(np.float64) ** 2))
-            mc_report = (flops.montecarlo_flop_report(jax.tree_util.tree_map(lambda x: x[0], params), spec)
-                         if cfg.get("xla_flops", True) else None)  # per-sample counts beside forward_flops
-            store.put(tkey, dict(num_samples=n, noise_floor=floor, output_variance=floor * n, seconds=secs,
-                                 forward_flops=cj.forward_flops(spec), mc_flop_report=mc_report))
+            mc_report = (
+                flops.montecarlo_flop_report(jax.tree_util.tree_map(lambda x: x[0], params), spec)
+                if cfg.get("xla_flops", True)
+                else None
+            )  # per-sample counts beside forward_flops
+            store.put(
+                tkey,
+                dict(
+                    num_samples=n,
+                    noise_floor=floor,
+                    output_variance=floor * n,
+                    seconds=secs,
+                    forward_flops=cj.forward_flops(spec),
+                    mc_flop_report=mc_report,
+                ),
+            )
         t = store[tkey]
-        print(f"\n{act}: ground truth {n:.3g} samples x {cfg['networks']} networks, noise floor {t['noise_floor']:.3e}, "
-              f"output variance {t['output_variance']:.4f}, forward FLOPs {cj.forward_flops(spec):.3e}")
+        print(
+            f"\n{act}: ground truth {n:.3g} samples x {cfg['networks']} networks, noise floor "
+            f"{t['noise_floor']:.3e}, output variance {t['output_variance']:.4f}, forward FLOPs "
+            f"{cj.forward_flops(spec):.3e}"
+        )
         rows = []
         for config in variants(cfg):
-            rows.append(evaluate(store, f"{act}/{config.name}", cfg, spec, params, truth, config, args.redo, est, args.exclude,
-                                 args.recount))
+            rows.append(
+                evaluate(
+                    store,
+                    f"{act}/{config.name}",
+                    cfg,
+                    spec,
+                    params,
+                    truth,
+                    config,
+                    args.redo,
+                    est,
+                    args.exclude,
+                    args.recount,
+                )
+            )
             print("  " + fmt_row(rows[-1]), flush=True)
-        summary[act] = dict(width=cfg["width"], layers=cfg["layers"], networks=cfg["networks"], gt_samples=n,
-                            noise_floor=t["noise_floor"], output_variance=t["output_variance"],
-                            forward_flops=cj.forward_flops(spec), rows=rows)
+        summary[act] = dict(
+            width=cfg["width"],
+            layers=cfg["layers"],
+            networks=cfg["networks"],
+            gt_samples=n,
+            noise_floor=t["noise_floor"],
+            output_variance=t["output_variance"],
+            forward_flops=cj.forward_flops(spec),
+            rows=rows,
+        )
         ok = [r for r in rows if r.get("status") == "ok"]
         best = max(ok, key=lambda r: r["ratio"] if r["resolved"] else r["ratio_lower"], default=None)
         summary[act]["best"] = None if best is None else best["estimator"]

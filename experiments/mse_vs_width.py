@@ -12,21 +12,18 @@ theory at fixed depth: -k_max), and the MSE Monte Carlo reaches with the same FL
 Writes ``<out>/mse_vs_width_<name>.json`` after every ground truth and variant (a rerun resumes)
 and ``<out>/mse_vs_width_<name>.png``; ground truths are cached in ``<out>/gt_cache``.
 """
+
 from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import jax
+import mse_vs_flops as mvf  # shared networks, ground truths, variants
 import numpy as np
-from scipy import stats
+from common import ResultStore, enable_x64, fit_power_law, load_config, save_figure_atomic, write_json_atomic
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mse_vs_flops as mvf  # noqa: E402  (shared networks, ground truths, scoring)
-
-import cumjax as cj  # noqa: E402
-from cumjax.results import ResultStore, load_config, save_figure_atomic, write_json_atomic  # noqa: E402
+import cumjax as cj
 
 REQUIRED = ("widths", "layers", "activation", "networks", "gt_samples", "orders", "kinds")
 
@@ -43,11 +40,8 @@ def check_config(cfg: dict) -> None:
 
 def fit_slope(widths, values) -> dict:
     """Least-squares slope of log(value) vs log(width) and its standard error (nan below 3 points)."""
-    if len(widths) < 2:
-        return dict(slope=float("nan"), slope_se=float("nan"), widths=list(widths))
-    fit = stats.linregress(np.log(widths), np.log(values))
-    se = float(fit.stderr) if len(widths) >= 3 else float("nan")
-    return dict(slope=float(fit.slope), slope_se=se, intercept=float(fit.intercept), widths=list(widths))
+    fit = fit_power_law(widths, values)
+    return dict(slope=fit["slope"], slope_se=fit["stderr"], intercept=fit["intercept"], widths=list(widths))
 
 
 def summarize(cfg, rows_by_width: dict, truths: dict) -> dict:
@@ -58,12 +52,24 @@ def summarize(cfg, rows_by_width: dict, truths: dict) -> dict:
         for w in cfg["widths"]:
             r = rows_by_width[w].get(name)
             if r is None or r.get("status") != "ok":
-                pts.append(dict(width=w, status=None if r is None else r.get("status"), reason=None if r is None else r.get("reason")))
+                pts.append(
+                    dict(
+                        width=w,
+                        status=None if r is None else r.get("status"),
+                        reason=None if r is None else r.get("reason"),
+                    )
+                )
                 continue
             t = truths[w]
             mc = t["output_variance"] * t["forward_flops"] / r["flops"]
-            p = dict(width=w, status="ok", resolved=r["resolved"], flops=r["flops"], mc_matched_mse=mc,
-                     noise_floor=r["noise_floor"])
+            p = dict(
+                width=w,
+                status="ok",
+                resolved=r["resolved"],
+                flops=r["flops"],
+                mc_matched_mse=mc,
+                noise_floor=r["noise_floor"],
+            )
             if r["resolved"]:
                 p.update(mse=r["excess"], mse_se=r["excess_se"], advantage=mc / r["excess"])
                 fit_w.append(w)
@@ -90,15 +96,37 @@ def plot(summary: dict, cfg: dict, path: str) -> None:
         f = s["fit"]
         lab = f"{name}: slope {f['slope']:.2f}" + (f" +- {f['slope_se']:.2f}" if np.isfinite(f["slope_se"]) else "")
         if res:
-            ax.errorbar([p["width"] for p in res], [p["mse"] for p in res], yerr=[p["mse_se"] for p in res], fmt="o-",
-                        color=c, capsize=3, label=lab)
+            ax.errorbar(
+                [p["width"] for p in res],
+                [p["mse"] for p in res],
+                yerr=[p["mse_se"] for p in res],
+                fmt="o-",
+                color=c,
+                capsize=3,
+                label=lab,
+            )
         if up:
-            ax.errorbar([p["width"] for p in up], [p["mse_upper"] for p in up], yerr=[[0.5 * p["mse_upper"] for p in up], [0] * len(up)],
-                        uplims=True, fmt="v", color=c, label=None if res else lab)
+            ax.errorbar(
+                [p["width"] for p in up],
+                [p["mse_upper"] for p in up],
+                yerr=[[0.5 * p["mse_upper"] for p in up], [0] * len(up)],
+                uplims=True,
+                fmt="v",
+                color=c,
+                label=None if res else lab,
+            )
         if ok:
-            ax.plot([p["width"] for p in ok], [p["mc_matched_mse"] for p in ok], "--", color=c, alpha=0.6,
-                    label=f"MC at {name}'s FLOPs")
-    floors = sorted({(p["width"], p["noise_floor"]) for s in summary.values() for p in s["points"] if p["status"] == "ok"})
+            ax.plot(
+                [p["width"] for p in ok],
+                [p["mc_matched_mse"] for p in ok],
+                "--",
+                color=c,
+                alpha=0.6,
+                label=f"MC at {name}'s FLOPs",
+            )
+    floors = sorted(
+        {(p["width"], p["noise_floor"]) for s in summary.values() for p in s["points"] if p["status"] == "ok"}
+    )
     if floors:
         ax.plot(*zip(*floors), "k:", label="ground-truth noise floor")
     ax.set_xscale("log", base=2)
@@ -114,7 +142,9 @@ def plot(summary: dict, cfg: dict, path: str) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "mse_vs_width_smoke.json"))
+    p.add_argument(
+        "--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "mse_vs_width_smoke.json")
+    )
     p.add_argument("--out", default="results")
     p.add_argument("--redo", default=None, help="regex: recompute the variants whose key matches")
     p.add_argument("--exclude", default=None, help="regex: variants not to run (recorded as skipped)")
@@ -122,7 +152,7 @@ def main(argv=None) -> dict:
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     check_config(cfg)
-    jax.config.update("jax_enable_x64", True)  # float64 accumulation; arrays carry explicit dtypes
+    enable_x64()  # float64 accumulation; arrays carry explicit dtypes
 
     name = f"mse_vs_width_{cfg['name']}"
     store = ResultStore(os.path.join(args.out, f"{name}.json"), meta=cfg)
@@ -138,19 +168,32 @@ def main(argv=None) -> dict:
         tkey = f"n{w}/truth"
         if tkey not in store:
             n, floor = truth[2], float(np.mean(truth[1].astype(np.float64) ** 2))
-            store.put(tkey, dict(num_samples=n, noise_floor=floor, output_variance=floor * n, seconds=truth[3],
-                                 forward_flops=cj.forward_flops(spec)))
+            store.put(
+                tkey,
+                dict(
+                    num_samples=n,
+                    noise_floor=floor,
+                    output_variance=floor * n,
+                    seconds=truth[3],
+                    forward_flops=cj.forward_flops(spec),
+                ),
+            )
         truths[w] = store[tkey]
         rows_by_width[w] = {}
         print(f"\nwidth {w}: ground truth {truth[2]:.3g} samples, noise floor {truths[w]['noise_floor']:.3e}")
         for config in mvf.variants(cfg):
-            r = mvf.evaluate(store, f"n{w}/{config.name}", cfg, spec, params, truth, config, args.redo, est, args.exclude)
+            r = mvf.evaluate(
+                store, f"n{w}/{config.name}", cfg, spec, params, truth, config, args.redo, est, args.exclude
+            )
             rows_by_width[w][config.name] = r
             print("  " + mvf.fmt_row(r), flush=True)
     summary = summarize(cfg, rows_by_width, truths)
     store.data["summary"] = summary
     write_json_atomic(store.data, store.path)
-    print(f"\nMSE - floor vs width ({act}, {cfg['layers']} linear layers); in brackets: Monte Carlo's MSE at the same FLOPs")
+    print(
+        f"\nMSE - floor vs width ({act}, {cfg['layers']} linear layers); in brackets: Monte Carlo's MSE at the "
+        "same FLOPs"
+    )
     print(f"{'width':>6}" + "".join(f"{n:>26}" for n in summary))
     for i, w in enumerate(cfg["widths"]):
         cells = []
@@ -162,8 +205,13 @@ def main(argv=None) -> dict:
                 mse = f"{q['mse']:.2e}" if q["resolved"] else f"<{q['mse_upper']:.2e}"
                 cells.append(f"{mse} [{q['mc_matched_mse']:.2e}]")
         print(f"{w:>6}" + "".join(f"{c:>26}" for c in cells))
-    print(f"{'slope':>6}" + "".join(
-        f"{(format(s['fit']['slope'], '.2f') + ' +- ' + format(s['fit']['slope_se'], '.2f')):>26}" for s in summary.values()))
+    print(
+        f"{'slope':>6}"
+        + "".join(
+            f"{(format(s['fit']['slope'], '.2f') + ' +- ' + format(s['fit']['slope_se'], '.2f')):>26}"
+            for s in summary.values()
+        )
+    )
     print(f"{'theory':>6}" + "".join(f"{s['theory_slope']:>26}" for s in summary.values()))
     plot(summary, cfg, os.path.join(args.out, f"{name}.png"))
     print(f"\nwrote {store.path} and {name}.png")

@@ -4,10 +4,10 @@ at equal FLOPs, against an importance-sampled ground truth.
 Network (as in the paper's LPE preset): He-initialised ReLU MLP without biases on N(0, I); z =
 pre{layer}. Thresholds per neuron: t = mean_i + s * sd_i (sample moments of z) for each s in
 ``sigmas``. Each estimator computes every threshold and neuron in one vmapped run (the
-thresholded network of :mod:`cumjax.rare`); its FLOPs (analytic jaxpr count) buy Monte Carlo
+thresholded network of :mod:`cumjax.tails`); its FLOPs (analytic jaxpr count) buy Monte Carlo
 N = FLOPs / (forward pass to z + comparisons) samples, run on the same thresholds.
 
-Ground truth on ``truth_neurons`` neurons: :func:`cumjax.rare.tail_importance_sampling`
+Ground truth on ``truth_neurons`` neurons: :func:`cumjax.importance.tail_importance_sampling`
 (defensive-mixture mean-shift IS with radial integration; standard errors from the weighted
 samples), checked against ``validate_samples`` plain samples wherever those see >= 30 events.
 
@@ -16,25 +16,32 @@ samples), checked against ``validate_samples`` plain samples wherever those see 
 Writes ``<out>/rare_events_<name>.json`` (every unit of work saved atomically; reruns resume) and
 ``<out>/rare_events_<name>.png`` (relative error vs probability).
 """
+
 from __future__ import annotations
 
 import argparse
 import os
-import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from common import ResultStore, enable_x64, load_config, network, save_figure_atomic, time_compiled
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import cumjax as cj  # noqa: E402
-from cumjax import rare  # noqa: E402
-from cumjax.results import ResultStore, load_config, save_figure_atomic  # noqa: E402
+import cumjax as cj
+from cumjax import importance, tails
 
-REQUIRED = ("width", "layer", "seed", "sigmas", "estimators", "truth_neurons", "moment_samples", "is_samples",
-            "validate_samples")
+REQUIRED = (
+    "width",
+    "layer",
+    "seed",
+    "sigmas",
+    "estimators",
+    "truth_neurons",
+    "moment_samples",
+    "is_samples",
+    "validate_samples",
+)
 
 
 def check_config(cfg: dict) -> None:
@@ -53,18 +60,19 @@ def check_config(cfg: dict) -> None:
 
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "rare_events_smoke.json"))
+    ap.add_argument(
+        "--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "rare_events_smoke.json")
+    )
     ap.add_argument("--out", default="results")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     check_config(cfg)
-    jax.config.update("jax_enable_x64", True)  # float64 sums and estimates; sampling forward in float32
+    enable_x64()  # float64 sums and estimates; sampling forward in float32
     name = cfg["name"]
     store = ResultStore(os.path.join(args.out, f"{name}.json"), meta=cfg)
     n, layer = cfg["width"], cfg["layer"]
-    spec = cj.MLPSpec(n, n, n, layer + 1, ("relu",) * layer)
-    params = cj.init_params(jax.random.PRNGKey(cfg["seed"]), spec, cj.Init(kind="he"), dtype=jnp.float64)
-    mean, cov = jnp.zeros(n), jnp.eye(n)
+    spec, params = network(cfg["seed"], n, layer + 1, "relu", dtype=jnp.float64)
+    g = cj.Gaussian.standard(n, jnp.float64)
     chunk = cfg.get("chunk", 4096)
     sigmas = np.asarray(cfg["sigmas"], float)
     truth_idx = np.arange(cfg["truth_neurons"])  # the network is random: the first m neurons are a random sample
@@ -72,48 +80,71 @@ def main(argv=None) -> dict:
     k_mom, k_is, k_val, k_mc = jax.random.split(key, 4)
 
     def moments():
-        mc = cj.monte_carlo(k_mom, params, spec, mean, cov, int(cfg["moment_samples"]), chunk_size=chunk)
+        mc = cj.monte_carlo(k_mom, params, spec, g, int(cfg["moment_samples"]), chunk_size=chunk)
         z = f"pre{layer}"
-        return dict(mean=np.asarray(mc.mean[z]).tolist(), sd=(np.asarray(mc.sem[z]) * np.sqrt(mc.num_samples)).tolist())
+        sd = np.asarray(mc.sem[z]) * np.sqrt(mc.num_samples)
+        return dict(mean=np.asarray(mc.mean[z]).tolist(), sd=sd.tolist())
 
     mom = store.get_or_compute("moments", moments)
     thresholds = np.asarray(mom["mean"])[None] + sigmas[:, None] * np.asarray(mom["sd"])[None]  # (T, n)
-    per_sample = rare.sample_flops(spec, layer, len(sigmas))
+    per_sample = tails.sample_flops(spec, layer, len(sigmas))
 
     # --- cumulant estimates, their FLOPs, and Monte Carlo with the same FLOPs
     for e in tqdm(cfg["estimators"], desc="estimators"):
         conf = cj.PropagationConfig(**e)
 
         def run(conf=conf):
-            fn = jax.jit(lambda p, t: rare.tail_probabilities(p, spec.activations, mean, cov, layer, t, conf))
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn(params, jnp.asarray(thresholds)))
-            compile_s = time.perf_counter() - t0
-            t0 = time.perf_counter()
-            est = np.asarray(fn(params, jnp.asarray(thresholds)))
-            run_s = time.perf_counter() - t0
-            flops = rare.tail_flops(params, spec.activations, mean, cov, layer, thresholds, conf)
+            r = time_compiled(
+                lambda p, t: tails.tail_probabilities(p, spec, g, layer, t, conf), params, jnp.asarray(thresholds)
+            )
+            flops = tails.tail_flops(params, spec, g, layer, thresholds, conf)
             budget = max(2, int(flops["analytic"] // per_sample))
-            mc = rare.tail_monte_carlo(jax.random.fold_in(k_mc, e["k_max"] * 10 + len(e["kind"])), params, spec, mean, cov,
-                                       layer, thresholds, budget, chunk_size=chunk)
-            return dict(estimate=est.tolist(), flops=flops["analytic"], flops_xla=flops["xla"], run_s=run_s,
-                        compile_s=compile_s, mc_samples=budget, mc_estimate=mc.mean.tolist())
+            mc = tails.tail_monte_carlo(
+                jax.random.fold_in(k_mc, e["k_max"] * 10 + len(e["kind"])),
+                params,
+                spec,
+                g,
+                layer,
+                thresholds,
+                budget,
+                chunk_size=chunk,
+            )
+            return dict(
+                estimate=np.asarray(r["out"]).tolist(),
+                flops=flops["analytic"],
+                flops_xla=flops["xla"],
+                run_s=r["run_s"],
+                compile_s=r["compile_s"],
+                mc_samples=budget,
+                mc_estimate=mc.mean.tolist(),
+            )
 
         store.get_or_compute(f"est_{conf.name}", run)
 
     # --- ground truth: importance sampling, one neuron at a time (resumable)
     for i in tqdm(truth_idx, desc="importance sampling"):
+
         def truth(i=int(i)):
-            est, shifts = rare.tail_importance_sampling(jax.random.fold_in(k_is, i), params, spec, mean, cov, layer,
-                                                        [i] * len(sigmas), thresholds[:, i], int(cfg["is_samples"]),
-                                                        chunk_size=chunk, **cfg.get("is_options", {}))
+            est, shifts = importance.tail_importance_sampling(
+                jax.random.fold_in(k_is, i),
+                params,
+                spec,
+                g,
+                layer,
+                [i] * len(sigmas),
+                thresholds[:, i],
+                int(cfg["is_samples"]),
+                chunk_size=chunk,
+                **cfg.get("is_options", {}),
+            )
             return dict(p=est.mean.tolist(), sem=est.sem.tolist(), shift_norm=np.linalg.norm(shifts, axis=1).tolist())
 
         store.get_or_compute(f"truth_n{int(i)}", truth)
 
     def validate():
-        mc = rare.tail_monte_carlo(k_val, params, spec, mean, cov, layer, thresholds, int(cfg["validate_samples"]),
-                                   chunk_size=chunk)
+        mc = tails.tail_monte_carlo(
+            k_val, params, spec, g, layer, thresholds, int(cfg["validate_samples"]), chunk_size=chunk
+        )
         return dict(p=mc.mean[:, truth_idx].tolist(), sem=mc.sem[:, truth_idx].tolist())
 
     val = store.get_or_compute("validation", validate)
@@ -131,11 +162,14 @@ def summarise(cfg, store, sigmas, truth_idx, val, per_sample) -> dict:
     vp, vse = np.asarray(val["p"]), np.asarray(val["sem"])
     ok = vp * cfg["validate_samples"] >= 30  # enough plain events for a normal approximation
     zval = (truth - vp) / np.sqrt(truth_se**2 + vse**2)
-    validation = dict(samples=cfg["validate_samples"], compared=int(ok.sum()),
-                      mean_z=float(zval[ok].mean()) if ok.any() else None,
-                      mean_z2=float((zval[ok] ** 2).mean()) if ok.any() else None,
-                      max_abs_z=float(np.abs(zval[ok]).max()) if ok.any() else None,
-                      per_sigma_compared=ok.sum(1).tolist())
+    validation = dict(
+        samples=cfg["validate_samples"],
+        compared=int(ok.sum()),
+        mean_z=float(zval[ok].mean()) if ok.any() else None,
+        mean_z2=float((zval[ok] ** 2).mean()) if ok.any() else None,
+        max_abs_z=float(np.abs(zval[ok]).max()) if ok.any() else None,
+        per_sigma_compared=ok.sum(1).tolist(),
+    )
     rows = []
     for e in cfg["estimators"]:
         name = cj.PropagationConfig(**e).name
@@ -148,29 +182,47 @@ def summarise(cfg, store, sigmas, truth_idx, val, per_sample) -> dict:
         per_sigma = []
         for j, s in enumerate(sigmas):
             p = float(np.median(truth[j]))
-            per_sigma.append(dict(
-                sigma=float(s), p_median=p, p_min=float(truth[j].min()), p_max=float(truth[j].max()),
-                truth_rel_se=float(np.median(truth_se[j] / truth[j])),
-                rel_err_median=float(np.median(rel[j])), signed_rel_err_median=float(np.median((est[j] - truth[j]) / truth[j])), rel_err_rms=float(np.sqrt(np.mean(rel[j] ** 2))),
-                mc_rel_err_expected=float(np.median(np.sqrt((1 - truth[j]) / (N * truth[j])))),
-                mc_rel_err_median=float(np.median(rel_mc[j])),
-                mc_zero_fraction=float(np.mean(mc[j] == 0)),
-                mc_expected_events=float(N * p), mc_p_zero_events=float(np.exp(N * np.log1p(-p))),
-            ))
+            per_sigma.append(
+                dict(
+                    sigma=float(s),
+                    p_median=p,
+                    p_min=float(truth[j].min()),
+                    p_max=float(truth[j].max()),
+                    truth_rel_se=float(np.median(truth_se[j] / truth[j])),
+                    rel_err_median=float(np.median(rel[j])),
+                    signed_rel_err_median=float(np.median((est[j] - truth[j]) / truth[j])),
+                    rel_err_rms=float(np.sqrt(np.mean(rel[j] ** 2))),
+                    mc_rel_err_expected=float(np.median(np.sqrt((1 - truth[j]) / (N * truth[j])))),
+                    mc_rel_err_median=float(np.median(rel_mc[j])),
+                    mc_zero_fraction=float(np.mean(mc[j] == 0)),
+                    mc_expected_events=float(N * p),
+                    mc_p_zero_events=float(np.exp(N * np.log1p(-p))),
+                )
+            )
         useful = [row for row in per_sigma if row["rel_err_median"] < 0.3]
         within2 = [row for row in per_sigma if row["rel_err_median"] < 0.5]
-        rows.append(dict(estimator=name, flops=r["flops"], flops_xla=r["flops_xla"], run_s=r["run_s"],
-                         compile_s=r["compile_s"], mc_samples=N, mc_resolvable_p=1.0 / N,
-                         smallest_p_under_30pct=min((u["p_median"] for u in useful), default=None),
-                         smallest_p_under_50pct=min((u["p_median"] for u in within2), default=None),
-                         per_sigma=per_sigma))
+        rows.append(
+            dict(
+                estimator=name,
+                flops=r["flops"],
+                flops_xla=r["flops_xla"],
+                run_s=r["run_s"],
+                compile_s=r["compile_s"],
+                mc_samples=N,
+                mc_resolvable_p=1.0 / N,
+                smallest_p_under_30pct=min((u["p_median"] for u in useful), default=None),
+                smallest_p_under_50pct=min((u["p_median"] for u in within2), default=None),
+                per_sigma=per_sigma,
+            )
+        )
     for row in rows:
         s = row["smallest_p_under_30pct"]
         row["resolution_gain"] = None if s is None else row["mc_resolvable_p"] / s  # >1: beyond sampling's reach
         s2 = row["smallest_p_under_50pct"]
         row["resolution_gain_50pct"] = None if s2 is None else row["mc_resolvable_p"] / s2
-    return dict(validation=validation, sample_flops=per_sample, rows=rows,
-                truth_p=truth.tolist(), truth_sem=truth_se.tolist())
+    return dict(
+        validation=validation, sample_flops=per_sample, rows=rows, truth_p=truth.tolist(), truth_sem=truth_se.tolist()
+    )
 
 
 def plot(results, path) -> None:
@@ -183,20 +235,30 @@ def plot(results, path) -> None:
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for c, row in zip(colors * 3, results["rows"]):
         ps = [r["p_median"] for r in row["per_sigma"]]
-        ax.loglog(ps, [max(r["rel_err_median"], 1e-4) for r in row["per_sigma"]], "o-", color=c,
-                  label=f"{row['estimator']} ({row['flops']:.2g} FLOPs)")
+        ax.loglog(
+            ps,
+            [max(r["rel_err_median"], 1e-4) for r in row["per_sigma"]],
+            "o-",
+            color=c,
+            label=f"{row['estimator']} ({row['flops']:.2g} FLOPs)",
+        )
         ax.loglog(ps, [r["mc_rel_err_expected"] for r in row["per_sigma"]], ":", color=c, alpha=0.8)
         ax.axvline(row["mc_resolvable_p"], color=c, lw=0.6, ls="--", alpha=0.5)
-    truth_se = [np.median(np.asarray(results["truth_sem"])[j] / np.asarray(results["truth_p"])[j])
-                for j in range(len(results["truth_p"]))]
+    truth_se = [
+        np.median(np.asarray(results["truth_sem"])[j] / np.asarray(results["truth_p"])[j])
+        for j in range(len(results["truth_p"]))
+    ]
     ps = [np.median(p) for p in results["truth_p"]]
     ax.loglog(ps, truth_se, "k--", lw=1, label="ground truth rel. SE (IS)")
     ax.axhline(0.3, color="gray", lw=0.8)
     ax.set_ylim(1e-3, 1e3)
     ax.set_xlabel("tail probability P(z_i > t) (median over neurons)")
     ax.set_ylabel("median relative error")
-    ax.set_title("cumulant estimate (solid) vs Monte Carlo at equal FLOPs (dotted: expected;\n"
-                 "dashed vertical: 1 / MC samples, below it MC typically sees no event)", fontsize=9)
+    ax.set_title(
+        "cumulant estimate (solid) vs Monte Carlo at equal FLOPs (dotted: expected;\n"
+        "dashed vertical: 1 / MC samples, below it MC typically sees no event)",
+        fontsize=9,
+    )
     ax.legend(fontsize=7)
     ax.invert_xaxis()
     fig.tight_layout()
@@ -205,16 +267,22 @@ def plot(results, path) -> None:
 
 def print_table(results) -> None:
     v = results["validation"]
-    print(f"\nIS vs plain MC ({v['samples']:.3g} samples) on {v['compared']} resolvable (neuron, threshold) pairs: "
-          f"mean z {v['mean_z']}, mean z^2 {v['mean_z2']}, max |z| {v['max_abs_z']}")
+    print(
+        f"\nIS vs plain MC ({v['samples']:.3g} samples) on {v['compared']} resolvable (neuron, threshold) pairs: "
+        f"mean z {v['mean_z']}, mean z^2 {v['mean_z2']}, max |z| {v['max_abs_z']}"
+    )
     for row in results["rows"]:
-        print(f"\n{row['estimator']}: {row['flops']:.3g} FLOPs -> Monte Carlo {row['mc_samples']} samples "
-              f"(resolves p ~ {row['mc_resolvable_p']:.2g}); smallest p with median rel. err < 30%: "
-              f"{row['smallest_p_under_30pct']}, < 50%: {row['smallest_p_under_50pct']}")
+        print(
+            f"\n{row['estimator']}: {row['flops']:.3g} FLOPs -> Monte Carlo {row['mc_samples']} samples "
+            f"(resolves p ~ {row['mc_resolvable_p']:.2g}); smallest p with median rel. err < 30%: "
+            f"{row['smallest_p_under_30pct']}, < 50%: {row['smallest_p_under_50pct']}"
+        )
         print(f"{'sigma':>6}{'p':>10}{'rel err':>9}{'signed':>9}{'MC expected':>13}{'MC realised':>13}{'MC zero':>9}")
         for r in row["per_sigma"]:
-            print(f"{r['sigma']:>6.2f}{r['p_median']:>10.2e}{r['rel_err_median']:>9.3f}{r['signed_rel_err_median']:>+9.3f}"
-                  f"{r['mc_rel_err_expected']:>13.3g}{r['mc_rel_err_median']:>13.3f}{r['mc_zero_fraction']:>9.2f}")
+            print(
+                f"{r['sigma']:>6.2f}{r['p_median']:>10.2e}{r['rel_err_median']:>9.3f}{r['signed_rel_err_median']:>+9.3f}"
+                f"{r['mc_rel_err_expected']:>13.3g}{r['mc_rel_err_median']:>13.3f}{r['mc_zero_fraction']:>9.2f}"
+            )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ Writes ``<out>/whestbench_<name>.json`` after every scored network (a rerun resu
 ``<out>/whestbench_<name>.png``; the dataset goes to ``<out>/whestbench_<name>/dataset`` unless the
 config names one. Needs the ``whest`` extra (``pip install 'cumjax[whest]'``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,20 +27,24 @@ import os
 import shutil
 import subprocess
 import sys
-import time
 import warnings
 
 import jax
 import numpy as np
+from common import ResultStore, enable_x64, load_config, save_figure_atomic, timed, write_json_atomic
 from tqdm import tqdm
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-import cumjax as cj  # noqa: E402
-from cumjax import whest as cw  # noqa: E402
-from cumjax.results import ResultStore, load_config, save_figure_atomic, write_json_atomic  # noqa: E402
+import cumjax as cj
+from cumjax import whest as cw
 
-DEFAULTS = dict(split="public", dtype="float32", variance_samples=65536, flop_budget=10**15, xla_flops=True,
-                baselines=["mean_propagation", "covariance_propagation"])
+DEFAULTS = dict(
+    split="public",
+    dtype="float32",
+    variance_samples=65536,
+    flop_budget=10**15,
+    xla_flops=True,
+    baselines=["mean_propagation", "covariance_propagation"],
+)
 PROPAGATION_KEYS = {"k_max", "kind", "factored", "avg_metric"}
 
 
@@ -50,8 +55,12 @@ def check_config(cfg: dict) -> tuple[dict, list[cj.PropagationConfig]]:
         if not isinstance(cfg.get(key), int) or cfg[key] < 1:
             raise ValueError(f"config needs a positive integer {key!r}, got {cfg.get(key)!r}")
     seeds = cfg.get("mlp_seeds")
-    if not (isinstance(seeds, list) and len(seeds) == cfg["n_mlps"] and len(set(seeds)) == len(seeds)
-            and all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds)):
+    if not (
+        isinstance(seeds, list)
+        and len(seeds) == cfg["n_mlps"]
+        and len(set(seeds)) == len(seeds)
+        and all(isinstance(s, int) and 0 <= s < 2**63 for s in seeds)
+    ):
         raise ValueError(f"config needs 'mlp_seeds': {cfg['n_mlps']} distinct ints in [0, 2^63), got {seeds!r}")
     variants = []
     for v in cfg.get("variants", []):
@@ -83,14 +92,29 @@ def bake(cfg: dict, path: str) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     seeds_file = path + ".seeds.json"
     write_json_atomic(cfg["mlp_seeds"], seeds_file)
-    cmd = [whest, "dataset", "bake", "--n-mlps", str(cfg["n_mlps"]), "--n-samples", str(cfg["n_samples"]),
-           "--width", str(cfg["width"]), "--depth", str(cfg["depth"]), "--mlp-seeds", seeds_file,
-           "--split", cfg["split"], "--output", partial]
+    cmd = [
+        whest,
+        "dataset",
+        "bake",
+        "--n-mlps",
+        str(cfg["n_mlps"]),
+        "--n-samples",
+        str(cfg["n_samples"]),
+        "--width",
+        str(cfg["width"]),
+        "--depth",
+        str(cfg["depth"]),
+        "--mlp-seeds",
+        seeds_file,
+        "--split",
+        cfg["split"],
+        "--output",
+        partial,
+    ]
     print("baking:", " ".join(cmd), flush=True)
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    _, secs = timed(lambda: subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL))
     os.replace(partial, path)
-    print(f"baked {path} in {time.perf_counter() - t0:.0f} s", flush=True)
+    print(f"baked {path} in {secs:.0f} s", flush=True)
 
 
 def load_contest(cfg: dict, path: str):
@@ -102,21 +126,35 @@ def load_contest(cfg: dict, path: str):
         meta = json.load(f)
     for key in ("width", "depth", "n_mlps", "n_samples"):
         if meta.get(key) != cfg[key]:
-            raise ValueError(f"dataset {path} has {key}={meta.get(key)}, config says {cfg[key]}; "
-                             f"delete it or point 'dataset' elsewhere")
+            raise ValueError(
+                f"dataset {path} has {key}={meta.get(key)}, config says {cfg[key]}; "
+                f"delete it or point 'dataset' elsewhere"
+            )
     ds = wb.load_dataset(path, split=cfg["split"])
     # Timing limits off: this is an accuracy comparison, and JAX's work is invisible to flopscope's
     # residual-time accounting unless charged (cumjax charges it; see cumjax.whest).
-    spec = ContestSpec(width=cfg["width"], depth=cfg["depth"], n_mlps=cfg["n_mlps"], flop_budget=int(cfg["flop_budget"]),
-                       ground_truth_samples=cfg["n_samples"], wall_time_limit_s=None, residual_wall_time_limit_s=None)
+    spec = ContestSpec(
+        width=cfg["width"],
+        depth=cfg["depth"],
+        n_mlps=cfg["n_mlps"],
+        flop_budget=int(cfg["flop_budget"]),
+        ground_truth_samples=cfg["n_samples"],
+        wall_time_limit_s=None,
+        residual_wall_time_limit_s=None,
+    )
     return make_contest_from_dataset(spec, ds, cfg["n_mlps"]), meta
 
 
 def one_network(data, i: int):
     """The contest restricted to network ``i`` (so each network is scored and saved on its own)."""
-    return dataclasses.replace(data, spec=dataclasses.replace(data.spec, n_mlps=1), mlps=[data.mlps[i]],
-                               all_layer_targets=[data.all_layer_targets[i]], final_targets=[data.final_targets[i]],
-                               avg_variances=[data.avg_variances[i]])
+    return dataclasses.replace(
+        data,
+        spec=dataclasses.replace(data.spec, n_mlps=1),
+        mlps=[data.mlps[i]],
+        all_layer_targets=[data.all_layer_targets[i]],
+        final_targets=[data.final_targets[i]],
+        avg_variances=[data.avg_variances[i]],
+    )
 
 
 # ----------------------------------------------------------------------------- scoring
@@ -126,8 +164,7 @@ def layer_variances(mlp, samples: int, seed: int) -> list[float]:
     """Mean per-neuron variance of every layer (``depth`` floats), by cumjax Monte Carlo on the
     converted network: sets the ground truth's noise floor ``variance / n_samples`` per layer."""
     spec, params = cw.to_cumjax(mlp, np.float32)
-    mean, cov = cw.whest_input(spec.input_dim)
-    res = cj.monte_carlo(jax.random.PRNGKey(seed), params, spec, mean, cov, samples)
+    res = cj.monte_carlo(jax.random.PRNGKey(seed), params, spec, cw.whest_input(spec.input_dim), samples)
     return [float(np.mean(np.asarray(res.sem[f"act{l}"]) ** 2 * samples)) for l in range(spec.num_layers - 1)]
 
 
@@ -147,9 +184,17 @@ def estimators(cfg, variants):
     out = []
     base = cw.baselines() if cfg["baselines"] else {}
     for name in cfg["baselines"]:
-        out.append((f"whest_{name}", lambda e=base[name]: e, {"flops_analytic": cw.baseline_flops(name, cfg["width"], cfg["depth"])}))
+        out.append(
+            (
+                f"whest_{name}",
+                lambda e=base[name]: e,
+                {"flops_analytic": cw.baseline_flops(name, cfg["width"], cfg["depth"])},
+            )
+        )
     for v in variants:
-        out.append((f"cumjax_{v.name}", lambda v=v: cw.make_estimator(v, cfg["dtype"]), {"config": dataclasses.asdict(v)}))
+        out.append(
+            (f"cumjax_{v.name}", lambda v=v: cw.make_estimator(v, cfg["dtype"]), {"config": dataclasses.asdict(v)})
+        )
     return out
 
 
@@ -164,18 +209,25 @@ def run(cfg, variants, data, store: ResultStore):
         est = make()
         if name.startswith("cumjax_"):
             if f"info/{name}" not in store:
-                t0 = time.perf_counter()
                 try:
-                    est.warmup(width, depth)
+                    _, compile_s = timed(est.warmup, width, depth)
                 except MemoryError as e:  # e.g. unfactored k_max=4 at width 256: O(width^4) memory
                     store.put(f"info/{name}", {**info, "skipped": str(e)})
                     print(f"{name}: skipped ({str(e)[:100]}...)")
                     continue
-                compile_s = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                xla = cw.layer_means_xla_flops(width, depth, est.config, est.dtype) if cfg["xla_flops"] else None
-                store.put(f"info/{name}", {**info, "flops": est.flops(width, depth), "flops_xla_unrolled": xla,
-                                           "compile_s": compile_s, "xla_count_s": time.perf_counter() - t0})
+                xla, xla_s = timed(
+                    lambda: cw.layer_means_xla_flops(width, depth, est.config, est.dtype) if cfg["xla_flops"] else None
+                )
+                store.put(
+                    f"info/{name}",
+                    {
+                        **info,
+                        "flops": est.flops(width, depth),
+                        "flops_xla_unrolled": xla,
+                        "compile_s": compile_s,
+                        "xla_count_s": xla_s,
+                    },
+                )
             else:
                 est.warmup(width, depth)
         elif f"info/{name}" not in store:
@@ -210,37 +262,59 @@ def summarize(cfg, data, store: ResultStore) -> dict:
         excess = float(np.mean(final - final_floor))
         se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")  # noqa: E731
         row = dict(
-            final_mse=float(final.mean()), final_mse_se=se(final), final_mse_minus_noise=excess,
-            all_mse=float(alll.mean()), all_mse_se=se(alll), all_mse_minus_noise=float(np.mean(alll - layer_floor.mean(1))),
-            per_layer_mse=per_layer.mean(0).tolist(), wall_s=float(np.median([p["wall_time_s"] for p in per])),
-            flops=flops, flops_xla=info.get("flops_xla_unrolled"), whest_flops=float(np.mean([p["flops_used"] for p in per])),
+            final_mse=float(final.mean()),
+            final_mse_se=se(final),
+            final_mse_minus_noise=excess,
+            all_mse=float(alll.mean()),
+            all_mse_se=se(alll),
+            all_mse_minus_noise=float(np.mean(alll - layer_floor.mean(1))),
+            per_layer_mse=per_layer.mean(0).tolist(),
+            wall_s=float(np.median([p["wall_time_s"] for p in per])),
+            flops=flops,
+            flops_xla=info.get("flops_xla_unrolled"),
+            whest_flops=float(np.mean([p["flops_used"] for p in per])),
             # MC FLOPs to reach this MSE: (variance / MSE) samples at mc_flops each; a lower bound when
             # the excess is not resolved above two standard errors of the ground-truth noise
             mc_flop_ratio=avg_var / max(excess, 2 * se(final) if n > 1 else final_floor.mean()) * mc_flops / flops,
             resolved=bool(excess > 2 * se(final)) if n > 1 else True,
         )
         rows[name] = row
-    return dict(rows=rows, noise_final=float(final_floor.mean()), noise_all=float(layer_floor.mean()),
-                noise_per_layer=layer_floor.mean(0).tolist(), avg_variance=avg_var, mc_flops_per_sample=mc_flops)
+    return dict(
+        rows=rows,
+        noise_final=float(final_floor.mean()),
+        noise_all=float(layer_floor.mean()),
+        noise_per_layer=layer_floor.mean(0).tolist(),
+        avg_variance=avg_var,
+        mc_flops_per_sample=mc_flops,
+    )
 
 
 def print_table(summary: dict) -> None:
-    print(f"\n{'estimator':<30}{'final MSE':>12}{'± se':>10}{'- noise':>11}{'all MSE':>11}{'- noise':>11}"
-          f"{'FLOPs':>10}{'XLA FLOPs':>10}{'whest FLOPs':>12}{'wall s':>9}{'MC FLOPs/FLOPs':>16}")
+    print(
+        f"\n{'estimator':<30}{'final MSE':>12}{'± se':>10}{'- noise':>11}{'all MSE':>11}{'- noise':>11}"
+        f"{'FLOPs':>10}{'XLA FLOPs':>10}{'whest FLOPs':>12}{'wall s':>9}{'MC FLOPs/FLOPs':>16}"
+    )
     for name, r in sorted(summary["rows"].items(), key=lambda kv: kv[1].get("flops") or 0):
         if "skipped" in r:
             print(f"{name:<30}  skipped: {r['skipped'][:90]}")
             continue
         ratio = f"{'' if r['resolved'] else '>='}{r['mc_flop_ratio']:.3g}"
-        print(f"{name:<30}{r['final_mse']:>12.3e}{r['final_mse_se']:>10.1e}{r['final_mse_minus_noise']:>11.2e}"
-              f"{r['all_mse']:>11.3e}{r['all_mse_minus_noise']:>11.2e}{r['flops']:>10.3g}"
-              f"{'-' if r['flops_xla'] is None else format(r['flops_xla'], '.3g'):>10}{r['whest_flops']:>12.3g}"
-              f"{r['wall_s']:>9.3f}{ratio:>16}")
-    print(f"ground-truth noise (variance / samples): final layer {summary['noise_final']:.2e}, all layers {summary['noise_all']:.2e}")
+        print(
+            f"{name:<30}{r['final_mse']:>12.3e}{r['final_mse_se']:>10.1e}{r['final_mse_minus_noise']:>11.2e}"
+            f"{r['all_mse']:>11.3e}{r['all_mse_minus_noise']:>11.2e}{r['flops']:>10.3g}"
+            f"{'-' if r['flops_xla'] is None else format(r['flops_xla'], '.3g'):>10}{r['whest_flops']:>12.3g}"
+            f"{r['wall_s']:>9.3f}{ratio:>16}"
+        )
+    print(
+        f"ground-truth noise (variance / samples): final layer {summary['noise_final']:.2e}, "
+        f"all layers {summary['noise_all']:.2e}"
+    )
     first = [r["per_layer_mse"][0] for r in summary["rows"].values() if "skipped" not in r]
     if first:  # every estimator is exact on layer 1 (a Gaussian pre-activation): its MSE there is the noise
-        print(f"layer 1, where every estimator is exact: MSE {min(first):.3g}..{max(first):.3g} vs predicted noise "
-              f"{summary['noise_per_layer'][0]:.3g}")
+        print(
+            f"layer 1, where every estimator is exact: MSE {min(first):.3g}..{max(first):.3g} vs predicted noise "
+            f"{summary['noise_per_layer'][0]:.3g}"
+        )
 
 
 def plot(summary: dict, cfg: dict, path: str) -> None:
@@ -254,17 +328,39 @@ def plot(summary: dict, cfg: dict, path: str) -> None:
     fig, ax = plt.subplots(1, 3, figsize=(17, 5))
     x = np.arange(len(names))
     for off, key, label in ((-0.2, "final", "final layer"), (0.2, "all", "all layers")):
-        ax[0].bar(x + off, [rows[k][f"{key}_mse"] for k in names], 0.4, yerr=[rows[k][f"{key}_mse_se"] for k in names], label=label)
+        ax[0].bar(
+            x + off,
+            [rows[k][f"{key}_mse"] for k in names],
+            0.4,
+            yerr=[rows[k][f"{key}_mse_se"] for k in names],
+            label=label,
+        )
     ax[0].axhline(summary["noise_final"], color="k", ls=":", label="ground-truth noise (final)")
-    ax[0].set(yscale="log", ylabel="MSE vs WhestBench ground truth", title=f"width {cfg['width']}, depth {cfg['depth']}, {cfg['n_mlps']} networks")
-    ax[0].set_xticks(x, [k.replace("cumjax_", "").replace("whest_", "whest:") for k in names], rotation=60, ha="right", fontsize=8)
+    ax[0].set(
+        yscale="log",
+        ylabel="MSE vs WhestBench ground truth",
+        title=f"width {cfg['width']}, depth {cfg['depth']}, {cfg['n_mlps']} networks",
+    )
+    ax[0].set_xticks(
+        x, [k.replace("cumjax_", "").replace("whest_", "whest:") for k in names], rotation=60, ha="right", fontsize=8
+    )
     ax[0].legend(fontsize=8)
     for k in names:
         ax[1].scatter(rows[k]["flops"], rows[k]["final_mse"], marker="s" if k.startswith("whest_") else "o", label=k)
-    f = np.logspace(np.log10(min(rows[k]["flops"] for k in names)) - 1, np.log10(max(rows[k]["flops"] for k in names)) + 2, 50)
-    ax[1].plot(f, summary["avg_variance"] * summary["mc_flops_per_sample"] / f, "k--", label="Monte Carlo: variance / samples")
+    f = np.logspace(
+        np.log10(min(rows[k]["flops"] for k in names)) - 1, np.log10(max(rows[k]["flops"] for k in names)) + 2, 50
+    )
+    ax[1].plot(
+        f, summary["avg_variance"] * summary["mc_flops_per_sample"] / f, "k--", label="Monte Carlo: variance / samples"
+    )
     ax[1].axhline(summary["noise_final"], color="k", ls=":", label="ground-truth noise")
-    ax[1].set(xscale="log", yscale="log", xlabel="FLOPs per network", ylabel="final-layer MSE", title="final-layer MSE vs FLOPs")
+    ax[1].set(
+        xscale="log",
+        yscale="log",
+        xlabel="FLOPs per network",
+        ylabel="final-layer MSE",
+        title="final-layer MSE vs FLOPs",
+    )
     ax[1].legend(fontsize=7)
     for k in names:
         ax[2].plot(np.arange(1, cfg["depth"] + 1), rows[k]["per_layer_mse"], marker="o", label=k)
@@ -277,23 +373,39 @@ def plot(summary: dict, cfg: dict, path: str) -> None:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "whestbench_smoke.json"))
+    p.add_argument(
+        "--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "whestbench_smoke.json")
+    )
     p.add_argument("--out", default="results")
     args = p.parse_args(argv)
     cfg, variants = check_config(load_config(args.config))
     cw.require_whestbench()
-    jax.config.update("jax_enable_x64", True)  # float64 Monte Carlo accumulation; estimates run in cfg["dtype"]
+    enable_x64()  # float64 Monte Carlo accumulation; estimates run in cfg["dtype"]
     name = cfg["name"]
     dataset = cfg.get("dataset") or os.path.join(args.out, f"whestbench_{name}", "dataset")
     if not os.path.exists(os.path.join(dataset, "metadata.json")):
         bake(cfg, dataset)
     data, meta = load_contest(cfg, dataset)
-    store_meta = {k: cfg[k] for k in ("width", "depth", "n_mlps", "n_samples", "mlp_seeds", "dtype", "variance_samples",
-                                      "flop_budget", "xla_flops")}
+    store_meta = {
+        k: cfg[k]
+        for k in (
+            "width",
+            "depth",
+            "n_mlps",
+            "n_samples",
+            "mlp_seeds",
+            "dtype",
+            "variance_samples",
+            "flop_budget",
+            "xla_flops",
+        )
+    }
     store_meta["dataset_created"] = meta.get("created_at_utc")
     store = ResultStore(os.path.join(args.out, f"whestbench_{name}.json"), meta=store_meta)
-    print(f"config {name}: {cfg['n_mlps']} networks, width {cfg['width']}, depth {cfg['depth']}, "
-          f"{cfg['n_samples']} ground-truth samples ({dataset}); device {jax.devices()[0]}")
+    print(
+        f"config {name}: {cfg['n_mlps']} networks, width {cfg['width']}, depth {cfg['depth']}, "
+        f"{cfg['n_samples']} ground-truth samples ({dataset}); device {jax.devices()[0]}"
+    )
     run(cfg, variants, data, store)
     summary = summarize(cfg, data, store)
     store.data["summary"] = summary

@@ -1,4 +1,5 @@
 """Gaussian expectations E[d^k phi(Z)^p] against independent numerical integration and calculus identities."""
+
 import math
 import warnings
 
@@ -67,7 +68,9 @@ def integrate_expectation(name, k, p, mean, var):
 def test_numpy_references_match_module_forward():
     z = np.linspace(-4, 4, 41)
     for name in ACTIVATIONS:
-        np.testing.assert_allclose(np.asarray(activation_fn(name)(jnp.asarray(z))), NP_FORWARD[name](z), rtol=1e-14, atol=1e-15)
+        np.testing.assert_allclose(
+            np.asarray(activation_fn(name)(jnp.asarray(z))), NP_FORWARD[name](z), rtol=1e-14, atol=1e-15
+        )
 
 
 @pytest.mark.parametrize("name", ACTIVATIONS)
@@ -131,9 +134,13 @@ def test_vanishing_variance_limits():
         for p in (1, 2, 3):
             want = NP_FORWARD[name](np.asarray(mean)) ** p
             # the clamped variance 1e-10 biases smooth cases by ~g''/2 * 1e-10
-            np.testing.assert_allclose(gaussian_expectation(name, 0, p, mean, zero), want, rtol=1e-7, atol=1e-9, err_msg=name)
+            np.testing.assert_allclose(
+                gaussian_expectation(name, 0, p, mean, zero), want, rtol=1e-7, atol=1e-9, err_msg=name
+            )
     np.testing.assert_allclose(gaussian_expectation("heaviside", 0, 2, mean, zero), [1.0, 0.0, 1.0])
-    np.testing.assert_allclose(gaussian_expectation("sgn", 0, 3, mean, -zero - 1.0), [1.0, -1.0, 1.0])  # negative var clamps
+    np.testing.assert_allclose(
+        gaussian_expectation("sgn", 0, 3, mean, -zero - 1.0), [1.0, -1.0, 1.0]
+    )  # negative var clamps
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.float64])
@@ -147,7 +154,9 @@ def test_finite_at_vanishing_variance_and_large_alpha(dtype, mean, var):
                 assert out.dtype == dtype and bool(jnp.all(jnp.isfinite(out))), (name, k, p)
         if dtype == jnp.float64:  # float32 warm-up of the gradient graph is slow; one dtype suffices
             for k in (0, 3):
-                grads = jax.vmap(jax.grad(lambda m, v: gaussian_expectation(name, k, 2, m, v), argnums=(0, 1)))(mean, var)
+                grads = jax.vmap(jax.grad(lambda m, v: gaussian_expectation(name, k, 2, m, v), argnums=(0, 1)))(
+                    mean, var
+                )
                 assert all(bool(jnp.all(jnp.isfinite(g))) for g in grads), (name, k)
 
 
@@ -185,3 +194,44 @@ def test_bad_arguments():
     for name in ("sgn", "heaviside", "swish"):
         with pytest.raises(ValueError):
             squared_slope_expectation(name, 0.0, 1.0)
+
+
+def test_registered_activation_is_used_everywhere():
+    """A user-registered nonlinearity (softplus: no closed form, so the quadrature rule) works in its
+    Gaussian expectations, a network's forward pass, the estimator (exact at layer act0 for k_max 2)
+    and the critical initialiser, and its name cannot be taken twice."""
+    import cumjax as cj
+    from cumjax import activations
+
+    softplus = cj.Activation("softplus_test", jax.nn.softplus)
+    try:
+        cj.register_activation(softplus)
+        cj.register_activation(softplus)  # the same object again: a no-op
+        with pytest.raises(ValueError, match="already registered"):
+            cj.register_activation(cj.Activation("softplus_test", jnp.tanh))
+        assert "softplus_test" in cj.activation_names() and cj.get_activation("softplus_test") is softplus
+        NP_FORWARD["softplus_test"] = lambda z: np.logaddexp(0.0, z)
+        for k, p in ((0, 1), (1, 2), (3, 1)):
+            got = float(gaussian_expectation("softplus_test", k, p, 0.4, 0.6))
+            assert got == pytest.approx(integrate_expectation("softplus_test", k, p, 0.4, 0.6), rel=1e-9, abs=1e-12)
+        spec = cj.MLPSpec(3, 4, 2, 2, softplus)  # the object itself, or its name
+        assert spec.activations == ("softplus_test",)
+        params = cj.init_params(jax.random.PRNGKey(0), spec, dtype=jnp.float64)
+        x = jnp.ones((1, 3))
+        (W0, _), _ = cj.layer_weights(params)
+        np.testing.assert_allclose(cj.forward(params, spec, x, all_layers=True)["act0"], jax.nn.softplus(x @ W0))
+        g = cj.Gaussian(jnp.zeros(3), jnp.eye(3))
+        est = cj.propagate(params, spec, g, cj.PropagationConfig(k_max=2))
+        var = np.diag(np.asarray(W0).T @ np.asarray(W0))
+        want = [integrate_expectation("softplus_test", 0, 1, 0.0, v) for v in var]
+        np.testing.assert_allclose(est.mean("act0"), want, rtol=1e-9)
+        assert float(squared_slope_expectation("softplus_test", 0.0, 1.0)) > 0  # jax.grad of the forward
+        with pytest.raises(ValueError, match="infeasible"):  # softplus(0) = log 2 would need a negative bias variance
+            cj.MLPSpec(3, 4, 2, 3, "softplus_test", init=cj.Init(kind="critical", q_star=1.0))
+    finally:
+        activations._REGISTRY.pop("softplus_test", None)
+        NP_FORWARD.pop("softplus_test", None)
+    with pytest.raises(ValueError, match="unknown activation"):
+        cj.MLPSpec(3, 4, 2, 2, "softplus_test")
+    with pytest.raises(TypeError):
+        cj.register_activation("softplus")

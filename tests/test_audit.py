@@ -1,8 +1,9 @@
 """Auditing through the estimator: minimal perturbations, estimator vs Monte Carlo gradients, and
 the audit experiment end to end."""
+
+import importlib
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +13,7 @@ from jax.flatten_util import ravel_pytree
 from scipy import stats
 
 import cumjax as cj
-from cumjax import rare
+from cumjax import audit, importance, tails
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -26,22 +27,30 @@ def test_minimal_perturbation_reaches_closed_form_and_monte_carlo_confirms():
     spec = cj.MLPSpec(n, n, n, 1, ())
     params = cj.init_params(jax.random.PRNGKey(0), spec)
     W = params["params"]["layer0"]["kernel"]
-    mean, cov = jnp.zeros(n), jnp.eye(n)
+    g = cj.Gaussian.standard(n)
 
     def tail(kernels):
-        p = rare.replace_kernels(params, kernels)
-        return rare.tail_probabilities(p, (), mean, cov, 0, jnp.array([t]), cj.PropagationConfig(k_max=1), neurons=[i])[0, 0]
+        p = audit.replace_kernels(params, kernels)
+        return tails.tail_probabilities(p, spec, g, 0, jnp.array([t]), cj.PropagationConfig(k_max=1), neurons=[i])[0, 0]
 
     col = float(jnp.linalg.norm(W[:, i]))
     before = float(tail([W]))
     assert before == pytest.approx(stats.norm.sf(t / col), rel=1e-12)
     target = 5 * before
-    res = rare.minimal_perturbation(tail, [W], target, steps=100, learning_rate=0.02)
+    res = audit.minimal_perturbation(tail, [W], target, steps=100, learning_rate=0.02)
     optimum = (t / stats.norm.isf(target) - col) / float(jnp.linalg.norm(W))
     assert res.value >= target
     assert optimum * (1 - 1e-6) <= res.relative_norm <= optimum * 1.01
-    mc = rare.tail_monte_carlo(jax.random.PRNGKey(1), rare.replace_kernels(params, res.kernels), spec, mean, cov, 0,
-                               jnp.full((1, n), t), 2**17, chunk_size=8192)
+    mc = tails.tail_monte_carlo(
+        jax.random.PRNGKey(1),
+        audit.replace_kernels(params, res.kernels),
+        spec,
+        g,
+        0,
+        jnp.full((1, n), t),
+        2**17,
+        chunk_size=8192,
+    )
     assert abs(mc.mean[0, i] - target) < 4 * mc.sem[0, i]
     assert mc.mean[0, i] - before > 10 * mc.sem[0, i]  # and the change itself is resolved
 
@@ -52,22 +61,24 @@ def test_minimal_perturbation_raises_a_deep_tail():
     n = 8
     spec = cj.MLPSpec(n, n, n, 3, ("relu", "relu"))
     params = cj.init_params(jax.random.PRNGKey(3), spec)
-    mean, cov = jnp.zeros(n), jnp.eye(n)
+    g = cj.Gaussian.standard(n)
     kernels = [W for W, _ in cj.layer_weights(params)]
     t = 2.5
 
     def tail(k):
-        p = rare.replace_kernels(params, k)
-        return rare.tail_probabilities(p, spec.activations, mean, cov, 2, jnp.array([t]), cj.PropagationConfig(2, "simple"),
-                                       neurons=[0])[0, 0]
+        p = audit.replace_kernels(params, k)
+        return tails.tail_probabilities(p, spec, g, 2, jnp.array([t]), cj.PropagationConfig(2, "simple"), neurons=[0])[
+            0, 0
+        ]
 
     before = float(tail(kernels))
-    res = rare.minimal_perturbation(tail, kernels, 4 * before, steps=40, learning_rate=0.02, polish_steps=2)
+    res = audit.minimal_perturbation(tail, kernels, 4 * before, steps=40, learning_rate=0.02, polish_steps=2)
     assert res.value >= 4 * before and 0 < res.relative_norm < 1
     rows = jnp.full((1, n), t)
-    p0 = rare.tail_monte_carlo(jax.random.PRNGKey(4), params, spec, mean, cov, 2, rows, 2**16, chunk_size=8192)
-    p1 = rare.tail_monte_carlo(jax.random.PRNGKey(5), rare.replace_kernels(params, res.kernels), spec, mean, cov, 2, rows,
-                               2**16, chunk_size=8192)
+    p0 = tails.tail_monte_carlo(jax.random.PRNGKey(4), params, spec, g, 2, rows, 2**16, chunk_size=8192)
+    p1 = tails.tail_monte_carlo(
+        jax.random.PRNGKey(5), audit.replace_kernels(params, res.kernels), spec, g, 2, rows, 2**16, chunk_size=8192
+    )
     assert p1.mean[0, 0] - p0.mean[0, 0] > 4 * np.hypot(p0.sem[0, 0], p1.sem[0, 0])
 
 
@@ -75,38 +86,35 @@ def _one_hidden_layer():
     """One ReLU layer: pre0 is exactly Gaussian, so the estimated output mean (any k_max) and its
     gradient are exact, and only the Monte Carlo side is noisy."""
     n = 8
-    spec = cj.MLPSpec(n, n, 3, 2, ("relu",), use_bias=True)
-    params = cj.init_params(jax.random.PRNGKey(7), spec, cj.Init(kind="he", b_var=0.1))
-    mean = jnp.linspace(-0.5, 0.5, n)
+    spec = cj.MLPSpec(n, n, 3, 2, ("relu",), init=cj.Init(kind="he", b_var=0.1))
+    params = cj.init_params(jax.random.PRNGKey(7), spec)
     A = jax.random.normal(jax.random.PRNGKey(8), (n, n)) / np.sqrt(n)
-    cov = A @ A.T + 0.5 * jnp.eye(n)
-    return spec, params, mean, cov
+    return spec, params, cj.Gaussian(jnp.linspace(-0.5, 0.5, n), A @ A.T + 0.5 * jnp.eye(n))
 
 
 def test_estimator_gradient_agrees_with_pathwise_monte_carlo():
     """Hotelling's T^2 on 12 coordinates (full sample covariance, F(K, N - K) under equality) and
     a Bonferroni bound on every coordinate's z-score; the same test rejects a gradient 5% off."""
-    spec, params, mean, cov = _one_hidden_layer()
+    spec, params, gauss = _one_hidden_layer()
     c = jnp.array([0.3, -1.0, 0.5])
-    g = np.asarray(ravel_pytree(rare.estimate_gradient(params, spec.activations, mean, cov, cj.PropagationConfig(k_max=2), c))[0])
+    g = np.asarray(ravel_pytree(audit.estimate_gradient(params, spec, gauss, cj.PropagationConfig(k_max=2), c))[0])
     probe = np.sort(np.asarray(jax.random.choice(jax.random.PRNGKey(9), g.size, (12,), replace=False)))
-    pg = rare.pathwise_gradient(jax.random.PRNGKey(10), params, spec, mean, cov, c, 2**14, probe, chunk_size=4096)
+    pg = audit.pathwise_gradient(jax.random.PRNGKey(10), params, spec, gauss, c, 2**14, probe, chunk_size=4096)
     mc, se = (np.asarray(ravel_pytree(x)[0]) for x in (pg.mean, pg.sem))
-    ht = rare.hotelling_test(g[probe], mc[probe], pg.probe_cov, pg.num_samples)
+    ht = audit.hotelling_test(g[probe], mc[probe], pg.probe_cov, pg.num_samples)
     assert ht["p_value"] > 1e-3, ht
     live = se > 1e-9 * np.abs(mc).max()  # the output bias's gradient is the constant c in every sample
     np.testing.assert_allclose(g[~live], mc[~live], rtol=1e-12)
     z = (g[live] - mc[live]) / se[live]
     assert np.all(np.abs(z) < stats.norm.isf(1e-3 / (2 * live.sum()))), np.abs(z).max()
-    assert rare.hotelling_test(1.05 * g[probe], mc[probe], pg.probe_cov, pg.num_samples)["p_value"] < 1e-6
+    assert audit.hotelling_test(1.05 * g[probe], mc[probe], pg.probe_cov, pg.num_samples)["p_value"] < 1e-6
 
 
 def test_audit_smoke_end_to_end_and_resume(tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    import audit
+    script = importlib.import_module("audit")  # experiments/audit.py (on pytest's pythonpath)
 
     cfg = os.path.join(ROOT, "configs", "audit_smoke.json")
-    audit.main(["--config", cfg, "--out", str(tmp_path)])
+    script.main(["--config", cfg, "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "audit_smoke.json").read_text())
     for suffix in ("search", "sensitivity", "gradients"):
         assert (tmp_path / f"audit_smoke_{suffix}.png").stat().st_size > 0
@@ -117,8 +125,16 @@ def test_audit_smoke_end_to_end_and_resume(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("resumed run recomputed")
 
-    for name in ("tail_importance_sampling", "tail_monte_carlo", "minimal_perturbation", "pathwise_gradient", "estimate_gradient"):
-        monkeypatch.setattr(audit.rare, name, boom)
-    again = audit.main(["--config", cfg, "--out", str(tmp_path)])
+    for name in (
+        "tail_importance_sampling",
+        "tail_monte_carlo",
+        "minimal_perturbation",
+        "pathwise_gradient",
+        "estimate_gradient",
+    ):
+        for module in (audit, tails, importance, script):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, boom)
+    again = script.main(["--config", cfg, "--out", str(tmp_path)])
     assert again["entries"]["search"] == saved["entries"]["search"]
     assert again["entries"]["gradient_check"] == saved["entries"]["gradient_check"]

@@ -1,4 +1,5 @@
 """Combinatorics of the propagation: term counts, the power-cumulant conversion, radial tensors."""
+
 import itertools
 import math
 
@@ -11,8 +12,16 @@ from cumjax import diagrams as dg
 @pytest.mark.parametrize(
     "k,kind,terms,factored_terms",
     # (output slice, diagram) pairs per hidden nonlinear step, as enumerated by the reference.
-    [(1, "simple", 2, 2), (1, "augment", 2, 2), (2, "simple", 3, 3), (2, "augment", 27, 27),
-     (3, "simple", 40, 40), (3, "augment", 142, 135), (4, "simple", 171, 171), (4, "augment", 2950, 2863)],
+    [
+        (1, "simple", 2, 2),
+        (1, "augment", 2, 2),
+        (2, "simple", 3, 3),
+        (2, "augment", 27, 27),
+        (3, "simple", 40, 40),
+        (3, "augment", 142, 135),
+        (4, "simple", 171, 171),
+        (4, "augment", 2950, 2863),
+    ],
 )
 def test_term_counts(k, kind, terms, factored_terms):
     degrees = frozenset(range(1, dg.top_degree(k, kind) + 1))
@@ -77,7 +86,20 @@ def _trace(t, j=1):
     return t
 
 
-@pytest.mark.parametrize("pattern,r", [((2,), 1), ((1, 1), 1), ((2, 1), 1), ((3,), 1), ((2, 2), 2), ((2, 1, 1), 1), ((4,), 2), ((3, 1), 1), ((2, 2, 1), 2)])
+@pytest.mark.parametrize(
+    "pattern,r",
+    [
+        ((2,), 1),
+        ((1, 1), 1),
+        ((2, 1), 1),
+        ((3,), 1),
+        ((2, 2), 2),
+        ((2, 1, 1), 1),
+        ((4,), 2),
+        ((3, 1), 1),
+        ((2, 2, 1), 2),
+    ],
+)
 @pytest.mark.parametrize("full_metric", [True, False])
 def test_radial_slice_terms_match_dense(pattern, r, full_metric):
     rng = np.random.default_rng(0)
@@ -106,7 +128,9 @@ def test_radial_core_projects_onto_high_radial_components(n, d, r):
     eye = np.eye(n)
 
     def core_of(t):
-        return sum(c * _radial(_trace(t, j), eye, j - r) for j, c in zip(range(r, d // 2 + 1), dg.radial_core_coefs(n, d, r)))
+        return sum(
+            c * _radial(_trace(t, j), eye, j - r) for j, c in zip(range(r, d // 2 + 1), dg.radial_core_coefs(n, d, r))
+        )
 
     t = _sym(rng.normal(size=(n,) * d))
     core = core_of(t)

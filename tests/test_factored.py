@@ -1,7 +1,6 @@
 """The low-rank factored k=3/4 estimator: reference goldens through the factored path, the
 factored tensor's algebra, jit/vmap/grad, rank and memory model."""
-import glob
-import importlib
+
 import json
 import os
 
@@ -9,57 +8,43 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from goldens import golden_arrays, golden_files, ids, load, meta_of
 
-from cumjax import factored
-from cumjax.factored import FactoredTensor, contract, refactor
-from cumjax.propagate import PropagationConfig, estimate_mean, estimated_bytes, factored_ranks, propagate
+import cumjax as cj
+from cumjax import diagrams as dg
+from cumjax import lowrank, memory
+from cumjax.config import PropagationConfig
+from cumjax.lowrank import FactoredTensor, contract, refactor
+from cumjax.memory import estimated_bytes, factored_ranks
+from cumjax.nonlinear import zero_coincident
 
-prop = importlib.import_module("cumjax.propagate")  # the package re-exports a function of that name
-
-GOLDENS = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "goldens")
-
-
-def _factored_goldens():
-    out = []
-    for p in sorted(glob.glob(os.path.join(GOLDENS, "cases", "*.npz")) + glob.glob(os.path.join(GOLDENS, "kprop", "*.npz"))):
-        meta = json.loads(str(np.load(p)["meta"]))
-        if meta["factor"] and meta["k_max"] >= 3:
-            out.append(p)
-    return out
-
-
-FACTORED_GOLDENS = _factored_goldens()
+FACTORED_GOLDENS = [p for p in golden_files() if meta_of(p)["factor"] and meta_of(p)["k_max"] >= 3]
 FAST = ("cases/p016", "cases/p017", "cases/p018")  # k3 simple/augment, k4 simple; k4 augment: 30-100 s each
 
 
-def _id(p):
-    return os.path.basename(os.path.dirname(p)) + "/" + os.path.basename(p)[:-4]
-
-
-@pytest.mark.skipif(not FACTORED_GOLDENS, reason="../shared/goldens not present")
 @pytest.mark.parametrize(
-    "path", [pytest.param(p, marks=[] if any(s in p for s in FAST) else [pytest.mark.slow], id=_id(p)) for p in FACTORED_GOLDENS]
+    "path",
+    [
+        pytest.param(p, marks=[] if any(s in p for s in FAST) else [pytest.mark.slow], id=i)
+        for p, i in zip(FACTORED_GOLDENS, ids(FACTORED_GOLDENS))
+    ],
 )
 def test_factored_golden_through_low_rank_path(path):
-    z = np.load(path)
-    meta = json.loads(str(z["meta"]))
-    layers = [(jnp.asarray(z[f"W{l}"]), jnp.asarray(z[f"b{l}"])) for l in range(meta["num_layers"])]
-    k = meta["k_max"]
-    config = PropagationConfig(k_max=k, kind=meta["kind"].lower(), avg_metric=meta["use_avg_metric"], factored=True,
-                               output_degree=meta.get("output_d_max", 3))
-    out = jax.jit(lambda ls: propagate(ls, meta["nonlin"], jnp.asarray(z["Kin_1"]), jnp.asarray(z["Kin_2"]), config, meta["init_scale"]))(layers)
+    spec, params, gaussian, config, meta, arrays = load(path)
+    k = config.k_max
+    assert config.is_factored
+    out = jax.jit(lambda p: cj.propagate(p, spec, gaussian, config))(params)
     # The top degree is carried in low-rank form from the first hidden layer on.
     for l in range(meta["num_layers"] - 1):
         top = out[f"act{l}"][k]
-        assert isinstance(top, FactoredTensor) and top.rank == factored_ranks(meta["width"], meta["num_layers"], config)[l]
+        assert (
+            isinstance(top, FactoredTensor) and top.rank == factored_ranks(meta["width"], meta["num_layers"], config)[l]
+        )
     checked = 0
-    for key in z.files:
-        if "_K" in key and not key.startswith("Kin"):
-            label, d = key.split("_K")
-            golden = z[key]
-            err = np.abs(np.asarray(out[label][int(d)].dense()) - golden).max()
-            assert err <= 1e-9 * np.abs(golden).max() + 1e-12, f"{key}: max abs err {err:.3e}"
-            checked += 1
+    for key, label, d, golden in golden_arrays(arrays):
+        err = np.abs(np.asarray(out.dense(label, d)) - golden).max()
+        assert err <= 1e-9 * np.abs(golden).max() + 1e-12, f"{key}: max abs err {err:.3e}"
+        checked += 1
     assert checked
 
 
@@ -71,7 +56,9 @@ def _random_factored(k, n, R, key):
     if k == 3:
         return FactoredTensor([jax.random.normal(ks[i], (n, R)) for i in range(3)], (1, 1, 1), n)
     B = jax.random.normal(ks[2], (n, n, R))
-    return FactoredTensor([jax.random.normal(ks[0], (n, R)), jax.random.normal(ks[1], (n, R)), B + jnp.swapaxes(B, 0, 1)], (1, 1, 2), n)
+    return FactoredTensor(
+        [jax.random.normal(ks[0], (n, R)), jax.random.normal(ks[1], (n, R)), B + jnp.swapaxes(B, 0, 1)], (1, 1, 2), n
+    )
 
 
 def _explicit(F):
@@ -99,20 +86,22 @@ def test_factored_slices_linear_step_and_refactor(k):
     assert s[(i, j, l)[: k - 1]] == pytest.approx(dense[(i, i, j, l)[:k]], rel=1e-12)
     W = jax.random.normal(jax.random.PRNGKey(9), (n, 4))
     sub = "abcd"[:k]
-    new = np.einsum(f"{sub}," + ",".join(f"{c}{c.upper()}" for c in sub) + "->" + sub.upper(), dense, *[np.asarray(W)] * k)
+    new = np.einsum(
+        f"{sub}," + ",".join(f"{c}{c.upper()}" for c in sub) + "->" + sub.upper(), dense, *[np.asarray(W)] * k
+    )
     np.testing.assert_allclose(F.linear(W).dense(), new, rtol=1e-11, atol=1e-11)
     # Re-factoring non-top slices reproduces them and is zero where all indices differ.
-    zero = lambda x: np.asarray(prop._zero_coincident(jnp.asarray(x)))  # noqa: E731
-    pats = [p for p in prop.dg.int_partitions(k) if p != (1,) * k]
+    zero = lambda x: np.asarray(zero_coincident(jnp.asarray(x)))  # noqa: E731
+    pats = [p for p in dg.int_partitions(k) if p != (1,) * k]
     slices = {p: jnp.asarray(zero(np.asarray(F.slice(p)))) for p in pats}
     G = refactor(slices, k, n, jnp.float64)
-    np.testing.assert_allclose(G.slice((1,) * k) * (np.asarray(prop._zero_coincident(jnp.ones((n,) * k)))), 0.0, atol=1e-12)
+    np.testing.assert_allclose(G.slice((1,) * k) * (np.asarray(zero_coincident(jnp.ones((n,) * k)))), 0.0, atol=1e-12)
     for p in pats:
         np.testing.assert_allclose(zero(G.slice(p)), slices[p], rtol=1e-11, atol=1e-12)
 
 
 def test_contract_memo_reads_back_only_equal_contractions():
-    n, R, r = 4, 3, factored._RANK
+    n, R, r = 4, 3, lowrank._RANK
     u, v, B = _random_factored(4, n, R, jax.random.PRNGKey(3)).parts
     memo = {}
     a = contract([(u, (0, r)), (v, (1, r)), (B, (0, 2, r))], (0, 1, 2), n, jnp.float64, memo)
@@ -133,49 +122,51 @@ def test_contract_memo_reads_back_only_equal_contractions():
 # ----------------------------------------------------------------------------- transformations
 
 
-def _random_net(key, n, L):
-    keys = jax.random.split(key, 2 * L)
-    return [(jax.random.normal(keys[2 * l], (n, n)) * jnp.sqrt((1.0 if l == 0 else 2.0) / n), 0.1 * jax.random.normal(keys[2 * l + 1], (n,)))
-            for l in range(L)]
+def _random_net(seed, n, L):
+    spec = cj.MLPSpec(n, n, n, L, "relu", init=cj.Init(b_var=0.01))
+    return spec, cj.init_params(jax.random.PRNGKey(seed), spec, dtype=jnp.float64)
 
 
 def test_factored_vmap_over_networks_matches_loop_and_unfactored():
     n, L = 4, 3
-    nets = [_random_net(jax.random.PRNGKey(s), n, L) for s in range(2)]
-    batched = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *nets)
-    acts = ["relu"] * (L - 1)
-    mu, cov = jnp.zeros(n), jnp.eye(n)
+    nets = [_random_net(s, n, L) for s in range(2)]
+    spec = nets[0][0]
+    batched = jax.tree_util.tree_map(lambda *x: jnp.stack(x), *[p for _, p in nets])
+    g = cj.Gaussian.standard(n, jnp.float64)
     fac, dense = PropagationConfig(k_max=3, factored=True), PropagationConfig(k_max=3)
-    got = jax.jit(jax.vmap(lambda ls: estimate_mean(ls, acts, mu, cov, fac)))(batched)
-    ref = jax.jit(lambda ls: estimate_mean(ls, acts, mu, cov, dense))
-    for i, net in enumerate(nets):
+    got = jax.jit(jax.vmap(lambda p: cj.estimate_mean(p, spec, g, fac)))(batched)
+    ref = jax.jit(lambda p: cj.estimate_mean(p, spec, g, dense))
+    for i, (_, p) in enumerate(nets):
         # Simple factored and unfactored are the same estimator.
-        np.testing.assert_allclose(got[i], ref(net), rtol=1e-11, atol=1e-13)
+        np.testing.assert_allclose(got[i], ref(p), rtol=1e-11, atol=1e-13)
 
 
 # ----------------------------------------------------------------------------- rank and memory model
 
 
-@pytest.mark.parametrize("k,kind", [(3, "simple"), (4, "simple"), (3, "augment"), pytest.param(4, "augment", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "k,kind", [(3, "simple"), (4, "simple"), (3, "augment"), pytest.param(4, "augment", marks=pytest.mark.slow)]
+)
 def test_rank_model_matches_the_real_ranks(k, kind):
     n, L = 3, 5
-    layers = _random_net(jax.random.PRNGKey(0), n, L)
+    spec, params = _random_net(0, n, L)
     cfg = PropagationConfig(k_max=k, kind=kind, factored=True)
-    out = jax.eval_shape(lambda ls: propagate(ls, ["relu"] * (L - 1), jnp.zeros(n), jnp.eye(n), cfg), layers)
+    out = jax.eval_shape(lambda p: cj.propagate(p, spec, cj.Gaussian.standard(n), cfg), params)
     assert [out[f"act{l}"][k].rank for l in range(L - 1)] == factored_ranks(n, L, cfg)
 
 
 def test_memory_model_admits_width_256_k4_factored_and_refuses_what_does_not_fit(monkeypatch):
-    monkeypatch.setattr(prop, "available_bytes", lambda: 20 * 2**30)  # a 24 GB machine: ~20 GiB free
+    monkeypatch.setattr(memory, "available_bytes", lambda: 20 * 2**30)  # a 24 GB machine: ~20 GiB free
     fac = lambda kind: PropagationConfig(k_max=4, kind=kind, factored=True, output_degree=1)  # noqa: E731
-    assert estimated_bytes(256, 5, fac("simple"), 4) < 0.8 * 20 * 2**30  # measured peak 4.5 GB
-    assert estimated_bytes(256, 5, fac("augment"), 4) < 0.8 * 20 * 2**30  # measured peak 11.8 GB
+    assert estimated_bytes(256, 5, fac("simple"), 4) < 0.8 * 20 * 2**30
+    assert estimated_bytes(256, 5, fac("augment"), 4) < 0.8 * 20 * 2**30
     assert estimated_bytes(256, 5, fac("augment"), 8) > 20 * 2**30  # float64: twice that
     assert estimated_bytes(256, 5, PropagationConfig(k_max=4), 4) > 20 * 2**30  # dense: ~100 GiB
     # Abstract shapes only: the guard refuses before any work.
     layers = [(jax.ShapeDtypeStruct((1024, 1024), jnp.float32), None)] * 5
+    spec = cj.MLPSpec(1024, 1024, 1024, 5, "relu")
     with pytest.raises(MemoryError, match="factored propagation"):
-        estimate_mean(layers, ["relu"] * 4, jnp.zeros(1024, jnp.float32), jnp.eye(1024, dtype=jnp.float32), fac("simple"))
+        cj.estimate_mean(layers, spec, cj.Gaussian.standard(1024, jnp.float32), fac("simple"))
 
 
 # ----------------------------------------------------------------------------- benchmark script
@@ -183,11 +174,9 @@ def test_memory_model_admits_width_256_k4_factored_and_refuses_what_does_not_fit
 
 @pytest.mark.slow  # ~4 subprocesses of jax start-up and compilation (~50 s on 2 cores)
 def test_bench_factored_smoke_runs_and_resumes(tmp_path, monkeypatch):
-    import sys
+    import bench_factored
 
     root = os.path.join(os.path.dirname(__file__), "..")
-    sys.path.insert(0, os.path.join(root, "experiments"))
-    import bench_factored
 
     config = os.path.join(root, "configs", "bench_factored_smoke.json")
     res = bench_factored.main(["--config", config, "--out", str(tmp_path)])
@@ -202,13 +191,11 @@ def test_bench_factored_smoke_runs_and_resumes(tmp_path, monkeypatch):
 
 
 def test_bench_factored_rejects_bad_config(tmp_path):
-    import sys
-
-    root = os.path.join(os.path.dirname(__file__), "..")
-    sys.path.insert(0, os.path.join(root, "experiments"))
     import bench_factored
 
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"widths": [8], "orders": [2], "kinds": ["simple"], "layers": 3, "dtype": "float32", "repeats": 1}))
+    bad.write_text(
+        json.dumps({"widths": [8], "orders": [2], "kinds": ["simple"], "layers": 3, "dtype": "float32", "repeats": 1})
+    )
     with pytest.raises(ValueError, match="orders"):
         bench_factored.main(["--config", str(bad), "--out", str(tmp_path)])

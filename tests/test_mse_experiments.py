@@ -1,19 +1,18 @@
 """mse_vs_flops and mse_vs_width run end to end on their smoke configs, resume, and skip refused variants."""
 import json
 import os
-import sys
 
 import jax
+import mse_vs_flops as mvf  # experiments/, on pytest's pythonpath
+import mse_vs_width as mvw
 import numpy as np
 import pytest
 
 import cumjax as cj
 from cumjax import groundtruth as gt
+from cumjax import memory
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import mse_vs_flops as mvf  # noqa: E402
-import mse_vs_width as mvw  # noqa: E402
 
 CFG = lambda name: os.path.join(ROOT, "configs", f"{name}.json")  # noqa: E731
 
@@ -74,7 +73,8 @@ def test_mse_vs_flops_smoke_and_resume(tmp_path, monkeypatch):
         _no_recompute(m)
         recounted = mvf.main(args + ["--recount", "relu/k2_simple"])
     assert recounted["entries"]["relu/k2_simple"] == data["entries"]["relu/k2_simple"]
-    assert json.loads(est_path.read_text())["entries"]["relu/k2_simple"]["flops"] == data["entries"]["relu/k2_simple"]["flops"]
+    stored = json.loads(est_path.read_text())["entries"]["relu/k2_simple"]
+    assert stored["flops"] == data["entries"]["relu/k2_simple"]["flops"]
 
     # an interrupted run (one variant missing from both stores) computes exactly the missing one;
     # a variant whose estimates are stored is only rescored
@@ -94,7 +94,7 @@ def test_mse_vs_flops_smoke_and_resume(tmp_path, monkeypatch):
 
 def test_refused_variant_is_skipped_with_reason(monkeypatch, tmp_path):
     # the memory guard in propagate raises MemoryError: recorded as skipped, not a crash
-    monkeypatch.setattr(sys.modules["cumjax.propagate"], "available_bytes", lambda: 1)
+    monkeypatch.setattr(memory, "available_bytes", lambda: 1)
     cfg = dict(estimator_dtype="float64")
     spec = mvf.make_spec(4, 2, "relu")
     params = mvf.networks(dict(networks=2), spec)
@@ -105,8 +105,8 @@ def test_refused_variant_is_skipped_with_reason(monkeypatch, tmp_path):
     monkeypatch.setattr(mvf, "run_variant", None)
     store = mvf.ResultStore(str(tmp_path / "s.json"))
     truth = (np.zeros((2, 4)), np.ones((2, 4)), 10, 0.0)
-    r = mvf.evaluate(store, "relu/k4_simple_fac", cfg, spec, params, truth, cj.PropagationConfig(k_max=4, factored=True),
-                     exclude="k4_.*fac")
+    r = mvf.evaluate(store, "relu/k4_simple_fac", cfg, spec, params, truth,
+                     cj.PropagationConfig(k_max=4, factored=True), exclude="k4_.*fac")
     assert r["status"] == "skipped" and "excluded" in r["reason"] and store["relu/k4_simple_fac"] == r
     # ... but excluding a variant that already has a score keeps that score
     ok = dict(estimator="k4_augment_fac", status="ok", mse=1.0)
@@ -128,10 +128,11 @@ def test_interrupted_variant_resumes_after_its_finished_networks(monkeypatch, tm
     store = mvf.ResultStore(str(tmp_path / "est.json"))
     real, calls = jax.block_until_ready, []
 
-    def interrupt_second(x):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
+    def interrupt_second(x):  # the second finished group of networks (compilations are waited on too)
+        if isinstance(x, jax.Array):
+            calls.append(1)
+            if len(calls) == 2:
+                raise KeyboardInterrupt
         return real(x)
 
     with monkeypatch.context() as m:
@@ -143,7 +144,7 @@ def test_interrupted_variant_resumes_after_its_finished_networks(monkeypatch, tm
     calls.clear()
     store = mvf.ResultStore(str(tmp_path / "est.json"))
     with monkeypatch.context() as m:
-        m.setattr(jax, "block_until_ready", lambda x: calls.append(1) or real(x))
+        m.setattr(jax, "block_until_ready", lambda x: (isinstance(x, jax.Array) and calls.append(1)) or real(x))
         again = mvf.run_variant(cfg, spec, params, config, (store, "relu/k2#partial"))
     assert len(calls) == 2 and "relu/k2#partial" not in store
     np.testing.assert_allclose(again["estimates"], full["estimates"], rtol=1e-12, atol=0)
@@ -179,7 +180,7 @@ def test_mse_vs_width_smoke_and_resume(tmp_path, monkeypatch):
     cfg = json.load(open(CFG("mse_vs_width_smoke")))
     summary = data["summary"]
     assert set(summary) == {c.name for c in mvf.variants(cfg)}
-    for name, s in summary.items():
+    for s in summary.values():
         assert [p["width"] for p in s["points"]] == cfg["widths"]
         for p in s["points"]:
             t = data["entries"][f"n{p['width']}/truth"]
@@ -204,7 +205,8 @@ def test_config_init_draws_biases():
     spec = mvf.make_spec(4, 3, "tanh", mvf.init_of(cfg))
     params = mvf.networks(cfg, spec)
     assert spec.use_bias and not mvf.make_spec(4, 3, "tanh").use_bias
-    biases = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(params) if "bias" in jax.tree_util.keystr(path)]
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    biases = [leaf for path, leaf in leaves if "bias" in jax.tree_util.keystr(path)]
     assert len(biases) == 3 and all(b.shape == (2, 4) for b in biases)
     draws = np.concatenate([np.ravel(b) for b in biases])  # N(0.1, 0.1) draws: mean within 4.5 standard errors
     assert abs(float(np.mean(draws)) - 0.1) < 4.5 * np.sqrt(0.1 / draws.size) and np.std(draws) > 0

@@ -1,35 +1,35 @@
 """Tail probabilities: thresholded networks, the heaviside goldens, importance sampling, estimate
 vs Monte Carlo, and the rare_events experiment end to end."""
-import glob
+
 import json
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from goldens import golden_files
 from scipy import stats
 
 import cumjax as cj
-from cumjax import rare
+from cumjax import importance, tails
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-GOLDENS = os.path.join(ROOT, "..", "shared", "goldens", "cases")
 
 
 def _net(width, layers, seed=0, bias=False):
-    spec = cj.MLPSpec(width, width, width, layers, ("relu",) * (layers - 1), use_bias=bias)
-    init = cj.Init(kind="he", b_var=0.1 if bias else 0.0)
-    return spec, cj.init_params(jax.random.PRNGKey(seed), spec, init)
+    spec = cj.MLPSpec(
+        width, width, width, layers, ("relu",) * (layers - 1), init=cj.Init(kind="he", b_var=0.1 if bias else 0.0)
+    )
+    return spec, cj.init_params(jax.random.PRNGKey(seed), spec)
 
 
 @pytest.mark.parametrize("neurons", [None, [3, 0, 5]])
 def test_thresholded_network_outputs_the_indicator(neurons):
     spec, params = _net(8, 3, bias=True)
     t = jnp.linspace(-0.5, 1.0, 8)  # per-neuron thresholds
-    tparams = rare.threshold_params(params, 1, t, neurons)
-    tspec = rare.thresholded_spec(spec, 1, None if neurons is None else len(neurons))
+    tparams = tails.threshold_params(params, 1, t, neurons)
+    tspec = tails.thresholded_spec(spec, 1, None if neurons is None else len(neurons))
     x = jax.random.normal(jax.random.PRNGKey(1), (2000, 8))
     z = cj.forward(params, spec, x, all_layers=True)["pre1"]
     want = (z > t).astype(z.dtype)
@@ -45,31 +45,33 @@ def test_thresholded_network_outputs_the_indicator(neurons):
 def test_thresholded_spec_rejects_bad_layers():
     spec, _ = _net(8, 3)
     with pytest.raises(ValueError, match="layer"):
-        rare.thresholded_spec(spec, 3)
+        tails.thresholded_spec(spec, 3)
     odd = cj.MLPSpec(8, 8, 4, 3, ("relu", "relu"))
     with pytest.raises(ValueError, match="hidden width"):
-        rare.thresholded_spec(odd, 2)
+        tails.thresholded_spec(odd, 2)
 
 
-LPE = sorted(glob.glob(os.path.join(GOLDENS, "*_lpe_*.npz")))
+LPE = [p for p in golden_files("cases") if "_lpe_" in p]
 
 
 @pytest.mark.parametrize("path", [p if "_k1_" in p else pytest.param(p, marks=pytest.mark.slow) for p in LPE])
 def test_tail_probabilities_match_heaviside_goldens(path):
     """The goldens' rare-event network is relu, relu, heaviside with bias -2 on pre2: built from
     its ReLU part by threshold_params(t = 2), its act2 mean is our tail estimate."""
-    spec, params, _, meta, arrays = cj.load_golden(path)
+    spec, params, meta, arrays = cj.load_golden(path)
     layers = cj.layer_weights(params)
     assert spec.activations == ("relu", "relu", "heaviside") and np.allclose(layers[2][1], -2.0)
     relu = cj.params_from_arrays([W for W, _ in layers[:3]], [layers[0][1], layers[1][1], layers[2][1] + 2.0])
+    relu_spec = cj.MLPSpec(spec.input_dim, spec.width, spec.width, 3, ("relu", "relu"), use_bias=True)
     config = cj.PropagationConfig(k_max=meta["k_max"], kind=meta["kind"].lower(), factored=meta["factor"])
-    got = rare.tail_probabilities(relu, ("relu", "relu"), arrays["Kin_1"], arrays["Kin_2"], 2, jnp.array([2.0]), config)
+    g = cj.Gaussian(jnp.asarray(arrays["Kin_1"]), jnp.asarray(arrays["Kin_2"]))
+    got = tails.tail_probabilities(relu, relu_spec, g, 2, jnp.array([2.0]), config)
     want = arrays["act2_K1"]
     assert np.abs(np.asarray(got[0]) - want).max() <= 1e-9 * np.abs(want).max() + 1e-12
 
 
 def test_lpe_goldens_present():
-    assert len(glob.glob(os.path.join(GOLDENS, "*_lpe_*.npz"))) >= 3
+    assert len(LPE) >= 3
 
 
 @pytest.mark.parametrize("k_max", [1, pytest.param(2, marks=pytest.mark.slow)])
@@ -79,7 +81,7 @@ def test_first_layer_tail_is_exact(k_max):
     mu = jnp.linspace(-0.3, 0.4, 6)
     W, b = cj.layer_weights(params)[0]
     ts = jnp.array([[-0.5], [0.7], [2.5]]) * jnp.ones((1, 6))
-    got = rare.tail_probabilities(params, spec.activations, mu, jnp.eye(6), 0, ts, cj.PropagationConfig(k_max=k_max))
+    got = tails.tail_probabilities(params, spec, cj.Gaussian(mu, jnp.eye(6)), 0, ts, cj.PropagationConfig(k_max=k_max))
     m, s = np.asarray(mu @ W + b), np.sqrt(np.sum(np.asarray(W) ** 2, axis=0))
     want = stats.norm.sf((np.asarray(ts) - m) / s)
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-15)
@@ -92,17 +94,29 @@ def test_importance_sampling_agrees_with_plain_monte_carlo(bias):
     difference is within 4 combined standard errors. Without biases the IS path integrates the
     radius exactly; with biases (not homogeneous) it uses indicators."""
     spec, params = _net(16, 3, seed=1, bias=bias)
-    mean, cov = jnp.zeros(16), jnp.eye(16)
-    assert rare.is_homogeneous(params, spec, 2, mean) == (not bias)
+    g = cj.Gaussian.standard(16)
+    assert importance.is_homogeneous(params, spec, 2, g) == (not bias)
     neurons = np.array([0, 1, 2])
     z = cj.forward(params, spec, jax.random.normal(jax.random.PRNGKey(2), (2**14, 16)), all_layers=True)["pre2"]
     ts = np.array([np.quantile(z[:, i], 1 - q) for i, q in zip(neurons, (1e-2, 5e-3, 2e-3))])
     rows = np.full((3, 16), np.inf)
     rows[np.arange(3), neurons] = ts
-    plain = rare.tail_monte_carlo(jax.random.PRNGKey(3), params, spec, mean, cov, 2, rows, 2**18, chunk_size=8192)
+    plain = tails.tail_monte_carlo(jax.random.PRNGKey(3), params, spec, g, 2, rows, 2**18, chunk_size=8192)
     p_plain, se_plain = plain.mean[np.arange(3), neurons], plain.sem[np.arange(3), neurons]
-    est, _ = rare.tail_importance_sampling(jax.random.PRNGKey(4), params, spec, mean, cov, 2, neurons, ts, 8192,
-                                           pilot_samples=8192, ce_samples=2048, ce_iterations=3, chunk_size=4096)
+    est, _ = importance.tail_importance_sampling(
+        jax.random.PRNGKey(4),
+        params,
+        spec,
+        g,
+        2,
+        neurons,
+        ts,
+        8192,
+        pilot_samples=8192,
+        ce_samples=2048,
+        ce_iterations=3,
+        chunk_size=4096,
+    )
     assert np.all(p_plain * 2**18 > 100)  # resolvable
     assert np.all(est.sem < 0.5 * est.mean)  # a useful estimate
     z = (est.mean - p_plain) / np.sqrt(est.sem**2 + se_plain**2)
@@ -112,10 +126,16 @@ def test_importance_sampling_agrees_with_plain_monte_carlo(bias):
 def test_radial_tail_closed_form():
     """P(R g > t), R ~ chi_d, against scipy's chi distribution, for every sign of g and t."""
     d, chi = 5, stats.chi(5)
-    cases = [(0.7, 1.5, chi.sf(1.5 / 0.7)), (-0.4, 1.5, 0.0), (0.0, 1.5, 0.0),
-             (0.7, -0.8, 1.0), (-0.4, -0.8, chi.cdf(0.8 / 0.4)), (0.0, -0.8, 1.0)]
+    cases = [
+        (0.7, 1.5, chi.sf(1.5 / 0.7)),
+        (-0.4, 1.5, 0.0),
+        (0.0, 1.5, 0.0),
+        (0.7, -0.8, 1.0),
+        (-0.4, -0.8, chi.cdf(0.8 / 0.4)),
+        (0.0, -0.8, 1.0),
+    ]
     for g, t, want in cases:
-        got = float(rare._radial_tail(jnp.asarray(g), jnp.asarray(t), d))
+        got = float(importance._radial_tail(jnp.asarray(g), jnp.asarray(t), d))
         assert got == pytest.approx(want, rel=1e-10, abs=1e-300), (g, t)
 
 
@@ -129,12 +149,12 @@ def test_estimate_agrees_with_monte_carlo_at_moderate_probability():
     simple one (mean (augment - simple)^2; omitted tiers are smaller by powers of width^-1/2)."""
     n = 64
     spec, params = _net(n, 3, seed=5)
-    mean, cov = jnp.zeros(n), jnp.eye(n)
-    mc = cj.monte_carlo(jax.random.PRNGKey(6), params, spec, mean, cov, 8192)
+    g = cj.Gaussian.standard(n)
+    mc = cj.monte_carlo(jax.random.PRNGKey(6), params, spec, g, 8192)
     ts = np.asarray(mc.mean["pre2"])[None] + np.array([[1.0], [2.0]]) * np.asarray(mc.sem["pre2"])[None] * np.sqrt(8192)
-    truth = rare.tail_monte_carlo(jax.random.PRNGKey(7), params, spec, mean, cov, 2, ts, 2**18, chunk_size=8192)
-    aug = np.asarray(rare.tail_probabilities(params, spec.activations, mean, cov, 2, ts, cj.PropagationConfig(2, "augment")))
-    simple = np.asarray(rare.tail_probabilities(params, spec.activations, mean, cov, 2, ts, cj.PropagationConfig(2, "simple")))
+    truth = tails.tail_monte_carlo(jax.random.PRNGKey(7), params, spec, g, 2, ts, 2**18, chunk_size=8192)
+    aug = np.asarray(tails.tail_probabilities(params, spec, g, 2, ts, cj.PropagationConfig(2, "augment")))
+    simple = np.asarray(tails.tail_probabilities(params, spec, g, 2, ts, cj.PropagationConfig(2, "simple")))
     q = stats.chi2.ppf(1 - 1e-4, n) / n
     for j in range(2):  # per threshold level
         mse = np.mean((aug[j] - truth.mean[j]) ** 2)
@@ -145,7 +165,6 @@ def test_estimate_agrees_with_monte_carlo_at_moderate_probability():
 
 
 def test_rare_events_smoke_end_to_end_and_resume(tmp_path, monkeypatch):
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
     import rare_events
 
     cfg = os.path.join(ROOT, "configs", "rare_events_smoke.json")
@@ -161,9 +180,10 @@ def test_rare_events_smoke_end_to_end_and_resume(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise AssertionError("resumed run recomputed sampled work")
 
-    monkeypatch.setattr(rare_events.rare, "tail_importance_sampling", boom)
-    monkeypatch.setattr(rare_events.rare, "tail_monte_carlo", boom)
-    monkeypatch.setattr(rare_events.rare, "tail_flops", boom)
+    for name in ("tail_importance_sampling", "tail_monte_carlo", "tail_flops"):
+        for module in (tails, importance, rare_events):
+            if hasattr(module, name):
+                monkeypatch.setattr(module, name, boom)
     again = rare_events.main(["--config", cfg, "--out", str(tmp_path)])
     assert again["entries"].keys() == first["entries"].keys()
     assert again["summary"] == first["summary"]

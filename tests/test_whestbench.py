@@ -1,8 +1,8 @@
 """WhestBench adapter: the conversion is exact, k=2 simple is WhestBench's covariance propagation,
 the baked ground truth is the converted network's mean, and the evaluation runs end to end."""
+
 import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -11,13 +11,12 @@ import pytest
 
 wb = pytest.importorskip("whestbench")
 import flopscope.numpy as fnp  # noqa: E402  (installed with whestbench)
+import whestbench_eval  # noqa: E402  (experiments/, on pytest's pythonpath)
 
 import cumjax as cj  # noqa: E402
 from cumjax import whest as cw  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
-sys.path.insert(0, os.path.join(ROOT, "experiments"))
-import whestbench_eval  # noqa: E402
 
 EPS64 = np.finfo(np.float64).eps
 # k_max=2 simple is checked on every layer against covariance propagation below
@@ -64,7 +63,9 @@ def test_k2_simple_is_covariance_propagation(mlp, monkeypatch):
 
     monkeypatch.setattr(estimators, "fnp", Float64Numpy())
     theirs = np.asarray(estimators.CovariancePropagationEstimator().predict(mlp, 10**12))
-    ours = np.asarray(cw.jitted_layer_means(cj.PropagationConfig(2, "simple"))(jnp.asarray(cw.whest_weights(mlp, np.float64))))
+    ours = np.asarray(
+        cw.jitted_layer_means(cj.PropagationConfig(2, "simple"))(jnp.asarray(cw.whest_weights(mlp, np.float64)))
+    )
     np.testing.assert_allclose(ours, theirs, rtol=1e-10, atol=1e-12)
     # and mean propagation differs: it keeps per-neuron variances where k_max=1 keeps their average
     mean_prop = np.asarray(estimators.MeanPropagationEstimator().predict(mlp, 10**12))
@@ -108,14 +109,21 @@ def smoke(tmp_path_factory):
 def test_smoke_end_to_end_and_resume(smoke, monkeypatch):
     out, cfg, summary = smoke
     rows = summary["rows"]
-    assert set(rows) == {"cumjax_k1_simple", "cumjax_k2_simple", "cumjax_k2_augment",
-                         "whest_mean_propagation", "whest_covariance_propagation"}
+    assert set(rows) == {
+        "cumjax_k1_simple",
+        "cumjax_k2_simple",
+        "cumjax_k2_augment",
+        "whest_mean_propagation",
+        "whest_covariance_propagation",
+    }
     for name, r in rows.items():
         assert r["final_mse"] > 0 and r["all_mse"] > 0 and r["flops"] > 0 and len(r["per_layer_mse"]) == 3
         if name.startswith("cumjax_"):
             assert r["whest_flops"] == r["flops"]  # the scorer saw cumjax's FLOPs
     # float32 gains vs float64: the two equal closures score alike up to float32 rounding
-    assert rows["cumjax_k2_simple"]["final_mse"] == pytest.approx(rows["whest_covariance_propagation"]["final_mse"], rel=1e-3)
+    assert rows["cumjax_k2_simple"]["final_mse"] == pytest.approx(
+        rows["whest_covariance_propagation"]["final_mse"], rel=1e-3
+    )
     assert (out / "whestbench_smoke.png").stat().st_size > 0
     # resume: nothing is baked, sampled or scored again
     for fn in ("bake", "score", "layer_variances"):
@@ -133,7 +141,7 @@ def test_baked_ground_truth_is_the_converted_networks_mean(smoke):
     m = 2**16
     for i, mlp in enumerate(data.mlps):
         spec, params = cw.to_cumjax(mlp, jnp.float32)
-        res = cj.monte_carlo(jax.random.PRNGKey(100 + i), params, spec, *cw.whest_input(spec.input_dim), m)
+        res = cj.monte_carlo(jax.random.PRNGKey(100 + i), params, spec, cw.whest_input(spec.input_dim), m)
         ours = np.stack([np.asarray(res.mean[f"act{l}"]) for l in range(c["depth"])])
         sem = np.stack([np.asarray(res.sem[f"act{l}"]) for l in range(c["depth"])])
         diff = ours - np.asarray(data.all_layer_targets[i])

@@ -10,14 +10,15 @@ estimator (ARC, arXiv 2605.05179, "factored" variant).
   ever contracted to at most ``m - 1`` free indices or converted to factored form, never
   materialised as ``(n,)*m`` arrays.
 """
+
 from __future__ import annotations
 
 import itertools
 import math
 import string
 from collections import Counter
-from functools import lru_cache
-from typing import Sequence
+from collections.abc import Sequence
+from functools import cache
 
 import jax
 import jax.numpy as jnp
@@ -36,7 +37,9 @@ def _rank_chunk(R: int, n: int) -> int:
     return n if R > n and R % n == 0 else R
 
 
-def contract(factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int], n: int, dtype, memo: dict | None = None) -> Array:
+def contract(
+    factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int], n: int, dtype, memo: dict | None = None
+) -> Array:
     """``einsum`` of ``(array, labels)`` factors onto the labels ``out`` (summing the others);
     output labels no factor carries are broadcast. Returns an ``(n,)*len(out)`` array.
     memo: a dict shared by the contractions of one step: one that equals an earlier one up to
@@ -111,7 +114,11 @@ def _summed_over_rank_blocks(expr: str, factors, n: int) -> Array:
         return jnp.einsum(expr, *arrays, optimize="auto")
 
     def block(i):
-        return jnp.einsum(expr, *[jax.lax.dynamic_slice_in_dim(a, i * c, c, lab.index(r)) if r in lab else a for a, lab in factors], optimize="auto")
+        return jnp.einsum(
+            expr,
+            *[jax.lax.dynamic_slice_in_dim(a, i * c, c, lab.index(r)) if r in lab else a for a, lab in factors],
+            optimize="auto",
+        )
 
     return jax.lax.fori_loop(1, R // c, lambda i, acc: acc + block(i), block(0))
 
@@ -140,13 +147,17 @@ def _map_rank_blocks(f, p: Array, n: int) -> Array:
     out = jax.lax.dynamic_update_slice_in_dim(out, first, 0, out.ndim - 1)
 
     def body(i, out):
-        return jax.lax.dynamic_update_slice_in_dim(out, f(jax.lax.dynamic_slice_in_dim(p, i * c, c, p.ndim - 1)), i * c, out.ndim - 1)
+        return jax.lax.dynamic_update_slice_in_dim(
+            out, f(jax.lax.dynamic_slice_in_dim(p, i * c, c, p.ndim - 1)), i * c, out.ndim - 1
+        )
 
     return jax.lax.fori_loop(1, R // c, body, out)
 
 
-@lru_cache(maxsize=None)
-def _assignments(legs: tuple[int, ...], pattern: tuple[int, ...]) -> tuple[tuple[float, tuple[tuple[int, ...], ...]], ...]:
+@cache
+def _assignments(
+    legs: tuple[int, ...], pattern: tuple[int, ...]
+) -> tuple[tuple[float, tuple[tuple[int, ...], ...]], ...]:
     """Entries of ``Sym(parts)`` at slot pattern ``pattern``: ``(weight, slot labels per part)``
     averaged over the ``d!`` ways to put the legs on the positions; a part's labels are sorted
     (parts are symmetric in their own legs), so equal assignments merge."""
@@ -160,7 +171,7 @@ def _assignments(legs: tuple[int, ...], pattern: tuple[int, ...]) -> tuple[tuple
     return tuple((c / total, labels) for labels, c in sorted(counts.items()))
 
 
-@lru_cache(maxsize=None)
+@cache
 def _assignment_classes(legs: tuple[int, ...], pattern: tuple[int, ...]):
     """``_assignments`` up to the permutations of equal-count slots (the slice is symmetric under
     them): ``(perms, ((weight * class size, representative labels), ...))``; the slice is the
@@ -204,21 +215,25 @@ class FactoredTensor:
     def __repr__(self):
         return f"FactoredTensor(degree={self.degree}, n={self.n}, rank={self.rank}, legs={self.legs})"
 
-    def concat(self, other: "FactoredTensor") -> "FactoredTensor":
+    def concat(self, other: FactoredTensor) -> FactoredTensor:
         assert self.legs == other.legs
-        return FactoredTensor([jnp.concatenate([a, b], axis=-1) for a, b in zip(self.parts, other.parts)], self.legs, self.n)
+        return FactoredTensor(
+            [jnp.concatenate([a, b], axis=-1) for a, b in zip(self.parts, other.parts)], self.legs, self.n
+        )
 
-    def linear(self, W: Array) -> "FactoredTensor":
+    def linear(self, W: Array) -> FactoredTensor:
         """The cumulant of ``x @ W``: every leg contracted with W (O(n_in n_out R) per leg)."""
         parts = []
         for p, l in zip(self.parts, self.legs):
             if l == 1:
                 parts.append(W.T @ p)
             else:  # (n, n, R): W^T B_r W for every rank, one block of ranks at a time
-                parts.append(_map_rank_blocks(lambda b: jnp.einsum("abr,ac,bd->cdr", b, W, W, optimize="auto"), p, self.n))
+                parts.append(
+                    _map_rank_blocks(lambda b: jnp.einsum("abr,ac,bd->cdr", b, W, W, optimize="auto"), p, self.n)
+                )
         return FactoredTensor(parts, self.legs, W.shape[1])
 
-    def scale_legs(self, v: Array, coef=1.0) -> "FactoredTensor":
+    def scale_legs(self, v: Array, coef=1.0) -> FactoredTensor:
         """``coef * T * (v (x) ... (x) v)`` (the same per-neuron factor on every leg)."""
         parts = []
         for i, (p, l) in enumerate(zip(self.parts, self.legs)):
@@ -234,19 +249,23 @@ class FactoredTensor:
         perms, classes = _assignment_classes(self.legs, tuple(pattern))
         total = 0.0
         for w, labels in classes:
-            total = total + w * contract([(p, lab + (_RANK,)) for p, lab in zip(self.parts, labels)], range(m), self.n, self.parts[0].dtype, memo)
+            total = total + w * contract(
+                [(p, lab + (_RANK,)) for p, lab in zip(self.parts, labels)], range(m), self.n, self.parts[0].dtype, memo
+            )
         return sum(jnp.transpose(total, p) for p in perms) / len(perms) if len(perms) > 1 else total
 
     def dense(self) -> Array:
         """The full ``(n,)*d`` array (tests only: O(n^d R))."""
         return self.slice((1,) * self.degree)
 
-    def net(self, slots: Sequence[int], m: int) -> "Net":
+    def net(self, slots: Sequence[int], m: int) -> Net:
         """The tensor on the distinct ``slots`` (one per leg) of an ``m``-slot network."""
         terms = []
         for w, labels in _assignments(self.legs, (1,) * self.degree):
             r = next(_fresh_rank)
-            terms.append((w, tuple((p, tuple(slots[s] for s in lab) + (r,), False) for p, lab in zip(self.parts, labels))))
+            terms.append(
+                (w, tuple((p, tuple(slots[s] for s in lab) + (r,), False) for p, lab in zip(self.parts, labels)))
+            )
         return Net(m, terms)
 
 
@@ -262,22 +281,23 @@ class Net:
         self.m, self.terms = m, list(terms)
 
     @staticmethod
-    def leaf(m: int, array: Array, slots: tuple[int, ...], symmetric: bool = False) -> "Net":
+    def leaf(m: int, array: Array, slots: tuple[int, ...], symmetric: bool = False) -> Net:
         labels = tuple(sorted(slots)) if symmetric else tuple(slots)
         return Net(m, [(1.0, ((array, labels, symmetric),))])
 
-    def __add__(self, other: "Net") -> "Net":
+    def __add__(self, other: Net) -> Net:
         return Net(self.m, self.terms + other.terms)
 
-    def __mul__(self, other) -> "Net":
+    def __mul__(self, other) -> Net:
         if isinstance(other, Net):
             return Net(self.m, [(c1 * c2, f1 + f2) for c1, f1 in self.terms for c2, f2 in other.terms])
         return Net(self.m, [(c * other, f) for c, f in self.terms])
 
     __rmul__ = __mul__
 
-    def relabel(self, mapping: dict[int, int], m: int | None = None) -> "Net":
+    def relabel(self, mapping: dict[int, int], m: int | None = None) -> Net:
         """Slot label ``a`` becomes ``mapping.get(a, a)`` (two slots mapped together: a diagonal)."""
+
         def fix(f):
             a, lab, sym = f
             lab = tuple(mapping.get(l, l) for l in lab)
@@ -285,7 +305,7 @@ class Net:
 
         return Net(self.m if m is None else m, [(c, tuple(fix(f) for f in fs)) for c, fs in self.terms])
 
-    def merged(self, perms: Sequence[Sequence[int]]) -> "Net":
+    def merged(self, perms: Sequence[Sequence[int]]) -> Net:
         """One term per class of terms equal up to the slot permutations ``perms`` (a group),
         with summed coefficients: equal to this network after symmetrising over the group.
         Terms are compared by factor identity and labels (at most one internal label each)."""
@@ -326,7 +346,9 @@ class Net:
             diagonals = diagonals + self.relabel({m - 1: a})
         if perms is not None:  # the caller symmetrises over these permutations of free slots
             full = [tuple(p) + (m - 1,) for p in perms]
-            return self.merged(full).contract(out, n, dtype, memo) - diagonals.merged(full).contract(out, n, dtype, memo)
+            return self.merged(full).contract(out, n, dtype, memo) - diagonals.merged(full).contract(
+                out, n, dtype, memo
+            )
         return self.contract(out, n, dtype, memo) - diagonals.contract(out, n, dtype, memo)
 
 

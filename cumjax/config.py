@@ -1,0 +1,64 @@
+"""Configuration of one cumulant-propagation estimator."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from . import diagrams as dg
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class PropagationConfig:
+    """Static configuration of one estimator (hashable: usable as a static jit argument).
+
+    k_max: accuracy budget (the paper's K), 1..4; squared error ~ width^-k_max.
+    kind: term set, ``"simple"`` or ``"augment"``.
+    avg_metric: after hidden linear layers use E[W^T W] = w_var I instead of W^T W for the
+        radial pieces (w_var from the network's initialisation, ``MLPSpec.init``; only matters
+        where a degree is kept in radial form).
+    factored: keep the top cumulant (k_max 3 or 4) in low-rank form (:class:`FactoredTensor`,
+        rank growing ~width per layer) with the factored term set (equal to unfactored for
+        ``simple``; for ``augment`` it drops the diagrams that admit no low-rank evaluation): cost
+        and memory drop by a factor of width. Ignored for k_max <= 2.
+    output_degree: highest degree passed through the output layer (None: all tracked).
+    """
+
+    k_max: int = 2
+    kind: str = "simple"
+    avg_metric: bool = False
+    factored: bool = False
+    output_degree: int | None = None
+
+    def __post_init__(self):
+        if not _is_int(self.k_max) or self.k_max not in (1, 2, 3, 4):
+            raise ValueError(f"k_max must be the int 1, 2, 3 or 4, got {self.k_max!r}")
+        if not isinstance(self.kind, str):
+            raise ValueError(f"kind must be 'simple' or 'augment', got {self.kind!r}")
+        dg.check_kind(self.kind)
+        for name in ("avg_metric", "factored"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.output_degree is not None and (not _is_int(self.output_degree) or self.output_degree < 1):
+            raise ValueError(f"output_degree must be an int >= 1 or None, got {self.output_degree!r}")
+
+    @property
+    def is_factored(self) -> bool:
+        """Whether the top cumulant is kept in low-rank form (``factored`` and k_max 3 or 4)."""
+        return self.factored and self.k_max >= 3
+
+    @property
+    def name(self) -> str:
+        fac = "_fac" if self.is_factored else ""
+        avg = "_avg" if self.avg_metric else ""
+        return f"k{self.k_max}_{self.kind}{fac}{avg}"
+
+
+def check_config(config) -> PropagationConfig:
+    """``config`` if it is a :class:`PropagationConfig`, else TypeError."""
+    if not isinstance(config, PropagationConfig):
+        raise TypeError(f"config must be a cumjax.PropagationConfig, got {type(config).__name__} ({config!r})")
+    return config

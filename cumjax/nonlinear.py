@@ -1,0 +1,207 @@
+"""The nonlinear step: cumulants of ``phi(Z)`` from the tracked cumulants of Z, slice by slice.
+
+A *slice* ``alpha`` of a symmetric tensor holds its entries where ``m = len(alpha)`` distinct
+neurons appear ``alpha_j`` times (:mod:`cumjax.diagrams`). The step computes the slices of the
+joint cumulants of powers of phi as diagram sums (products of input-cumulant slices and Gaussian
+expectations of phi's derivatives), converts them to cumulant slices, and projects them back onto
+the tracked radial pieces through traces.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections import defaultdict
+
+import jax
+import jax.numpy as jnp
+
+from . import activations as _act
+from . import diagrams as dg
+from .config import PropagationConfig
+from .radial import RadialTensor, place
+
+Array = jax.Array
+Tower = dict  # degree -> RadialTensor | FactoredTensor
+_ROW_BLOCK_ENTRIES = 1 << 18  # slices larger than this are summed in blocks of rows
+
+
+def zero_coincident(x: Array) -> Array:
+    """Zero the entries of an ``(n,)*m`` slice where two slot indices coincide."""
+    m = x.ndim
+    if m < 2:
+        return x
+    idx = [jax.lax.broadcasted_iota(jnp.int32, x.shape, j) for j in range(m)]
+    keep = math.prod(idx[a] != idx[b] for a, b in itertools.combinations(range(m), 2))
+    return jnp.where(keep, x, 0.0)
+
+
+def sorted_view(get, pattern: dg.Vec) -> Array:
+    """``get(sorted pattern)`` with its axes permuted into the order of ``pattern``."""
+    order = sorted(range(len(pattern)), key=lambda j: -pattern[j])
+    x = get(tuple(pattern[j] for j in order))
+    return jnp.transpose(x, [order.index(j) for j in range(len(pattern))])
+
+
+class NonlinearStep:
+    """Cumulants of ``phi(Z)`` from the tower of Z, computed slice by slice on demand.
+
+    Every slice is built once (memoised at trace time); which slices exist is decided by what the
+    tracked outputs need.
+    """
+
+    def __init__(self, tower: Tower, activation: str, config: PropagationConfig):
+        self.tower, self.act, self.cfg = tower, activation, config
+        mean = tower[1].core
+        k2 = tower[2]
+        self.var = jnp.diagonal(k2.core) if k2.r == 0 else k2.core * k2._metric_diag()
+        self.mean, self.n = mean, mean.shape[0]
+        self.degrees = frozenset(tower)
+        self._memo: dict = {}
+
+    def _cached(self, key, fn):
+        if key not in self._memo:
+            self._memo[key] = fn()
+        return self._memo[key]
+
+    def wick(self, order: int, power: int) -> Array:
+        return self._cached(
+            ("w", order, power), lambda: _act.gaussian_expectation(self.act, order, power, self.mean, self.var)
+        )
+
+    def block(self, pattern: dg.Vec) -> Array:
+        return self._cached(("b", pattern), lambda: self.tower[sum(pattern)].slice(pattern))
+
+    def power_cumulant(self, alpha: dg.Vec) -> Array:
+        """Slice ``alpha`` (sorted) of the joint cumulants of powers of phi(Z): the diagram sum."""
+
+        def build():
+            m, n, cfg = len(alpha), self.n, self.cfg
+            by_orders = defaultdict(list)
+            for t in dg.diagrams(alpha, cfg.k_max, cfg.kind, self.degrees, cfg.factored):
+                by_orders[t.orders].append(t)
+            factors, plan = {}, []  # broadcastable factor arrays; per Wick orders: terms and Wick keys
+            for orders, group in by_orders.items():
+                terms = []
+                for t in group:
+                    keys = []
+                    for v in t.blocks:
+                        slots = tuple(j for j in range(m) if v[j])
+                        key = ("b", tuple(v[j] for j in slots), slots)
+                        if key not in factors:
+                            factors[key] = place(self.block(key[1]), slots, m, n)
+                        keys.append(key)
+                    terms.append((t.coef, keys))
+                wick_keys = []
+                for j, (o, p) in enumerate(zip(orders, alpha)):
+                    key = ("w", o, p, j)
+                    if key not in factors:
+                        factors[key] = place(self.wick(o, p), (j,), m, n)
+                    wick_keys.append(key)
+                plan.append((terms, wick_keys))
+
+            def evaluate(f, shape):
+                total = jnp.zeros(shape, self.mean.dtype)
+                for terms, wick_keys in plan:
+                    inner = 0.0
+                    for coef, keys in terms:
+                        prod = coef
+                        for key in keys:
+                            prod = prod * f[key]
+                        inner = inner + prod
+                    for key in wick_keys:
+                        inner = inner * f[key]
+                    total = total + inner
+                return total
+
+            if m < 4 or n**m <= _ROW_BLOCK_ENTRIES:
+                return evaluate(factors, (n,) * m)
+            # Large 4-slot slices (k_max = 4): sum the diagrams block of rows by block of rows so
+            # every intermediate stays cache-sized instead of streaming O(terms) full (n,)^4 arrays
+            # through memory (measured 1.7x faster at width 64; for 3-slot slices it was slower).
+            rows = (
+                max(d for d in range(1, n + 1) if n % d == 0 and d * n ** (m - 1) <= _ROW_BLOCK_ENTRIES)
+                if n ** (m - 1) <= _ROW_BLOCK_ENTRIES
+                else 1
+            )
+
+            def block(i):
+                f = {
+                    k: jax.lax.dynamic_slice_in_dim(x, i * rows, rows, 0) if x.shape[0] == n else x
+                    for k, x in factors.items()
+                }
+                return evaluate(f, (rows,) + (n,) * (m - 1))
+
+            return jax.lax.map(block, jnp.arange(n // rows)).reshape((n,) * m)
+
+        return self._cached(("p", alpha), build)
+
+    def cumulant(self, alpha: dg.Vec) -> Array:
+        """Slice ``alpha`` (sorted) of the cumulants of phi(Z), zero on coincident indices."""
+
+        def build():
+            m, n = len(alpha), self.n
+            total = 0.0
+            for coef, pieces in dg.cumulant_from_power_cumulants(alpha):
+                prod = coef
+                for v in pieces:
+                    slots = [j for j in range(m) if v[j]]
+                    pk = sorted_view(self.power_cumulant, tuple(v[j] for j in slots))
+                    prod = prod * place(pk, slots, m, n)
+                total = total + prod
+            return zero_coincident(jnp.broadcast_to(total, (n,) * m))
+
+        return self._cached(("k", alpha), build)
+
+    def traced(self, d: int, j: int, beta: dg.Vec) -> Array:
+        """Slice ``beta`` (sorted) of ``tr^j K_d``: a trace joins two legs of one slot (slices
+        vanish where slots coincide), either inside an existing slot or on a new summed slot."""
+        if j == 0:
+            return self.cumulant(beta)
+
+        def build():
+            m = len(beta)
+            prev = lambda a: self.traced(d, j - 1, a)  # noqa: E731
+            total = 0.0
+            for i in range(m):
+                total = total + sorted_view(prev, beta[:i] + (beta[i] + 2,) + beta[i + 1 :])
+            return total + jnp.sum(sorted_view(prev, beta + (2,)), axis=-1)
+
+        return self._cached(("t", d, j, beta), build)
+
+    def dense(self, get, d: int) -> Array:
+        """Assemble a dense symmetric ``(n,)*d`` tensor from its sorted slices ``get(alpha)``:
+        every set partition of the d legs picks the slice of its block sizes, placed on the
+        corresponding generalized diagonal."""
+        if d == 0:
+            return get(())
+        n, ar = self.n, jnp.arange(self.n)
+        flat_idx, vals = [], []
+        for part in dg.set_partitions(d)[1:]:  # the first is all singletons: the top slice itself
+            blocks = sorted(part, key=len, reverse=True)
+            m = len(blocks)
+            slot_of_leg = {p: j for j, b in enumerate(blocks) for p in b}
+            flat = sum(
+                jnp.reshape(ar, [n if t == slot_of_leg[p] else 1 for t in range(m)]) * n ** (d - 1 - p)
+                for p in range(d)
+            )
+            flat_idx.append(jnp.broadcast_to(flat, (n,) * m).ravel())
+            vals.append(get(tuple(len(b) for b in blocks)).ravel())
+        top = get((1,) * d).ravel()
+        if flat_idx:  # one scatter for all generalized diagonals (they never overlap)
+            top = top.at[jnp.concatenate(flat_idx)].add(jnp.concatenate(vals), unique_indices=True)
+        return top.reshape((n,) * d)
+
+    def output(self) -> Tower:
+        return {d: self.output_degree(d, r) for d, r in dg.tracked_degrees(self.cfg.k_max, self.cfg.kind).items()}
+
+    def output_degree(self, d: int, r: int):
+        """The tracked degree-d cumulant of phi(Z) with radial index r."""
+        if r == 0:
+            return RadialTensor(self.dense(self.cumulant, d))
+        core = 0.0
+        coefs = dg.radial_core_coefs(self.n, d, r)
+        for j, c in zip(range(r, d // 2 + 1), coefs):
+            tr = self.dense(lambda a, j=j: self.traced(d, j, a), d - 2 * j)
+            core = core + c * RadialTensor(tr, j - r, None, self.n).dense()
+        return RadialTensor(core, r, None, self.n)
