@@ -3,12 +3,14 @@ checks, the whitened input transform, the accumulation dtype and Chan et al.'s m
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from .gaussian import Gaussian, is_concrete
-from .mlp import HIGHEST
+from .mlp import HIGHEST, MLPSpec, forward
 
 Array = jax.Array
 MAX_ROWS = 2**32  # sample indices are uint32
@@ -83,3 +85,65 @@ def chan_merge(mean_a, m2_a, mean_b, m2_b, count_a, wb):
     Never subtracts large running sums, so float32 accumulation loses about one rounding per merge."""
     delta = mean_b - mean_a
     return mean_a + delta * wb, m2_a + m2_b + delta * delta * count_a * wb
+
+
+# ----------------------------------------------------------------------------- streamed statistics
+
+
+class Stats(NamedTuple):
+    """Running Monte Carlo statistics of every layer (leaves in the accumulation dtype)."""
+
+    count: jax.Array  # () number of samples merged
+    mean: dict  # label -> (n,)
+    m2: dict  # label -> (n,) sum of squared deviations from the mean
+    second: dict | None  # label -> (n, n) mean of x x^T
+
+
+def merge_stats(a: Stats, b: Stats) -> Stats:
+    """Chan et al.'s parallel update: the statistics of the union of two disjoint sample sets."""
+    n, wb = chan_weights(a.count, b.count)
+    mean, m2 = {}, {}
+    for k in a.mean:
+        mean[k], m2[k] = chan_merge(a.mean[k], a.m2[k], b.mean[k], b.m2[k], a.count, wb)
+    second = None if a.second is None else {k: a.second[k] + (b.second[k] - a.second[k]) * wb for k in a.second}
+    return Stats(n, mean, m2, second)
+
+
+def empty_stats(spec: MLPSpec, second_moments: bool, acc) -> Stats:
+    size = {k: spec.dims[int(k[3:]) + 1] for k in spec.labels}  # "pre{l}"/"act{l}" have size dims[l + 1]
+    zeros = lambda *shape: jnp.zeros(shape, acc)  # noqa: E731
+    second = {k: zeros(n, n) for k, n in size.items()} if second_moments else None
+    return Stats(zeros(), {k: zeros(n) for k, n in size.items()}, {k: zeros(n) for k, n in size.items()}, second)
+
+
+def chunk_stats(key, params, spec, mean, factor, rows, valid, second_moments, acc) -> Stats:
+    """Statistics of the samples ``rows (c,)`` where ``valid (c,)``."""
+    d = mean.shape[0]
+    z = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), (d,), mean.dtype))(rows)
+    x = to_inputs(z, mean, factor)
+    w = valid.astype(mean.dtype)[:, None]
+    count = jnp.sum(w)
+    inv = 1 / jnp.maximum(count, 1)
+    stats = Stats(count.astype(acc), {}, {}, {} if second_moments else None)
+    for k, y in forward(params, spec, x, all_layers=True).items():
+        mu = jnp.sum(w * y, axis=0) * inv
+        dev = (y - mu) * w
+        stats.mean[k], stats.m2[k] = mu.astype(acc), jnp.sum(dev * dev, axis=0).astype(acc)
+        if second_moments:
+            stats.second[k] = (jnp.matmul((w * y).T, y, precision=HIGHEST) * inv).astype(acc)
+    return stats
+
+
+def stream(key, params, spec, mean, factor, first, stop, num_chunks, chunk, second_moments) -> Stats:
+    """Statistics of samples ``first <= i < stop``, in ``num_chunks`` chunks of ``chunk`` rows."""
+    acc = accumulation_dtype()
+    offsets = jnp.arange(chunk, dtype=jnp.uint32)
+
+    def body(carry, c):
+        rows = first + c * jnp.uint32(chunk) + offsets
+        return merge_stats(
+            carry, chunk_stats(key, params, spec, mean, factor, rows, rows < stop, second_moments, acc)
+        ), None
+
+    out, _ = jax.lax.scan(body, empty_stats(spec, second_moments, acc), jnp.arange(num_chunks, dtype=jnp.uint32))
+    return out

@@ -17,7 +17,7 @@ from .config import PropagationConfig
 from .flops import estimator_flops, forward_flops
 from .gaussian import Gaussian
 from .mlp import Init, MLPSpec, init_params
-from .montecarlo import _plan, monte_carlo
+from .montecarlo import monte_carlo, plan_chunks
 from .propagation import estimate_mean, validate
 from .scoring import compare_to_truth
 
@@ -102,7 +102,7 @@ def compare(args) -> dict:
         init=init,
     )
     samples = int(float(args.samples))
-    _plan(samples, args.chunk)  # sample count and chunk checked now, not after the estimators
+    plan_chunks(samples, args.chunk)  # sample count and chunk checked now, not after the estimators
     configs, refused = _configs(args)
     key_net, key_mc = jax.random.split(jax.random.PRNGKey(args.seed))
     # Drawn in float32 whatever the precision, so --x64 changes only the arithmetic, not the network.

@@ -66,11 +66,6 @@ def tracked_degrees(k: int, kind: str) -> dict[int, int]:
     return {d: r for d, r in out.items() if r >= 0}
 
 
-def slice_allowed(alpha: Vec, k: int) -> bool:
-    """Output slices the nonlinear step computes: sum_j ceil(a_j / 2) <= k."""
-    return sum((a + 1) // 2 for a in alpha) <= k
-
-
 @cache
 def int_partitions(d: int, largest: int | None = None) -> tuple[Vec, ...]:
     """Integer partitions of ``d`` with parts in decreasing order."""
@@ -191,12 +186,6 @@ def diagrams(alpha: Vec, k: int, kind: str, degrees: frozenset[int], factored: b
         orders = tuple(sum(v[j] for v in blocks) for j in range(m))
         out.append(Diagram(1.0 / denom, blocks, orders))
     return tuple(out)
-
-
-def output_slices(k: int, kind: str) -> tuple[Vec, ...]:
-    """Every slice pattern the reference computes in a nonlinear step (used for term counts)."""
-    dmax = top_degree(k, kind)
-    return tuple(a for d in range(1, dmax + 1) for a in int_partitions(d) if slice_allowed(a, k))
 
 
 # ----------------------------------------------------------------------------- power cumulants -> cumulants

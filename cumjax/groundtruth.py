@@ -56,7 +56,7 @@ class GroundTruthPlan:
 
 
 def make_plan(num_samples: int, chunk_size: int | None = None, block_chunks: int = 16) -> GroundTruthPlan:
-    _, chunk, _ = mc._plan(num_samples, chunk_size)
+    _, chunk, _ = mc.plan_chunks(num_samples, chunk_size)
     if isinstance(block_chunks, bool) or not isinstance(block_chunks, (int, np.integer)) or block_chunks < 1:
         raise ValueError(f"block_chunks must be a positive int, got {block_chunks!r}")
     block_chunks = min(int(block_chunks), -(-int(num_samples) // chunk))
@@ -99,7 +99,7 @@ def cache_key(
 
 def _block_stats(keys, params, mean, factor, first, stop, *, spec, plan, second_moments):
     """Statistics of samples ``first <= j < stop`` for every network: vmap of the sampler's stream."""
-    stream = lambda key, p: mc._stream(
+    stream = lambda key, p: smp.stream(
         key,
         p,
         spec,
@@ -123,19 +123,19 @@ def _step(state, keys, params, mean, factor, first, stop, *, spec, plan, second_
         ax = P(mesh.axis_names[0])
         block = jax.shard_map(block, mesh=mesh, in_specs=(ax, ax, P(), P(), P(), P()), out_specs=ax, check_vma=False)
     new = block(keys, params, mean, factor, first, stop)
-    return jax.vmap(mc._merge)(state, new)
+    return jax.vmap(smp.merge_stats)(state, new)
 
 
 def _empty_state(spec, num_networks, second_moments):
     acc = smp.accumulation_dtype()
-    one = mc._empty(spec, second_moments, acc)
+    one = smp.empty_stats(spec, second_moments, acc)
     return jax.tree_util.tree_map(lambda x: jnp.zeros((num_networks,) + x.shape, x.dtype), one)
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _save(path, state: mc._Stats, blocks_done: int, key: str) -> None:
+def _save(path, state: smp.Stats, blocks_done: int, key: str) -> None:
     arrays = {"blocks_done": np.int64(blocks_done), "key": np.array(key), "count": np.asarray(state.count)}
     for name in ("mean", "m2", "second"):
         for label, x in (getattr(state, name) or {}).items():
@@ -148,7 +148,7 @@ def _save(path, state: mc._Stats, blocks_done: int, key: str) -> None:
     atomic_write(path, write)
 
 
-def _load(path, template: mc._Stats, key: str):
+def _load(path, template: smp.Stats, key: str):
     """``(state, blocks_done)`` from a checkpoint, or None if absent or for another run."""
     if not os.path.exists(path):
         return None
@@ -162,7 +162,7 @@ def _load(path, template: mc._Stats, key: str):
                 k: jnp.asarray(z[f"{name}/{k}"]) for k in getattr(template, name)
             }
         )
-        state = mc._Stats(jnp.asarray(z["count"]), field("mean"), field("m2"), field("second"))
+        state = smp.Stats(jnp.asarray(z["count"]), field("mean"), field("m2"), field("second"))
         return state, int(z["blocks_done"])
 
 
@@ -203,7 +203,7 @@ def ground_truth(
         ``blocks_done * block`` of them; ``num_samples`` says how many) instead of None.
     """
     plan = make_plan(num_samples, chunk_size, block_chunks)
-    params, mean, factor = mc._prepare(batched_params, spec, gaussian, dtype, batch_dims=1)
+    params, mean, factor = mc.prepare(batched_params, spec, gaussian, dtype, batch_dims=1)
     B = jax.tree_util.tree_leaves(params)[0].shape[0]
     key = cache_key(params, spec, gaussian, num_samples, seed, dtype, plan, second_moments)
     path = None if cache_dir is None else os.path.join(cache_dir, f"gt_{key}.npz")
@@ -258,7 +258,7 @@ def ground_truth(
     if done < plan.num_blocks and not (partial and done > 0):
         return None
     state = jax.tree_util.tree_map(lambda x: x[:B], state)
-    res = mc._result(state, min(done * plan.block, plan.num_samples))
+    res = mc.result_of(state, min(done * plan.block, plan.num_samples))
     keep = spec.labels if all_layers else (spec.labels[-1],)
     pick = lambda d: None if d is None else {k: d[k] for k in keep}  # noqa: E731
     return mc.MCResult(pick(res.mean), pick(res.sem), pick(res.second), res.num_samples)

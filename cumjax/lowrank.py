@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._fusion import materialize
+
 Array = jax.Array
 _LETTERS = string.ascii_letters
 _RANK = 1 << 20  # labels >= this are rank indices of factored tensors (slot labels are small ints)
@@ -364,11 +366,14 @@ def refactor(slices: dict[tuple[int, ...], Array], k: int, n: int, dtype) -> Fac
     if k == 4:
         # Sym(e_i e_i B_i) with B_i symmetric: (i,i,j,l) -> B_i[j,l]/6, (i,i,j,j) -> (B_i[j,j]
         # + B_j[i,i])/6, (i,i,i,j) -> B_i[i,j]/2, (i,i,i,i) -> B_i[i,i].
-        B = 6.0 * jnp.moveaxis(slices[(2, 1, 1)], 0, -1)
-        B = B + 3.0 * jnp.einsum("ab,rb->abr", eye, slices[(2, 2)])
-        B = B + 2.0 * (jnp.einsum("ar,rb->abr", eye, slices[(3, 1)]) + jnp.einsum("br,ra->abr", eye, slices[(3, 1)]))
-        B = B + jnp.einsum("ar,br,r->abr", eye, eye, slices[(4,)])
-        return FactoredTensor((eye, eye, B), legs_for(4), n)
+        # The diagonal terms are scattered onto their n^2 entries, not broadcast over n^3.
+        i = jnp.arange(n)
+        B = 6.0 * jnp.moveaxis(materialize(slices[(2, 1, 1)]), 0, -1)
+        B = B.at[i, i, :].add(3.0 * slices[(2, 2)].T)  # B[a, a, r] += 3 S22[r, a]
+        B = B.at[i, :, i].add(2.0 * slices[(3, 1)])  # B[r, b, r] += 2 S31[r, b]
+        B = B.at[:, i, i].add(2.0 * slices[(3, 1)].T)  # B[a, r, r] += 2 S31[r, a]
+        B = B.at[i, i, i].add(slices[(4,)])
+        return FactoredTensor((eye, eye, materialize(B)), legs_for(4), n)
     raise ValueError(f"factored tensors exist for k = 3, 4, not {k}")
 
 
@@ -381,6 +386,11 @@ def from_leaf_groups(groups: Sequence[tuple[Array, Array]], k: int, n: int) -> F
     slots) as rank-n factors, one block per group: ``E[:, r] (x) e_r (x) X[r]`` (k = 4: X[r]
     symmetrised, which Sym does anyway)."""
     eye = jnp.eye(n, dtype=groups[0][0].dtype)
-    rest = (lambda X: X.T) if k == 3 else (lambda X: 0.5 * jnp.moveaxis(X + jnp.swapaxes(X, 1, 2), 0, -1))
+
+    def rest(X):
+        if k == 3:
+            return X.T
+        return materialize(0.5 * jnp.moveaxis(materialize(X + jnp.swapaxes(X, 1, 2)), 0, -1))
+
     parts = [(E, eye, rest(X)) for E, X in groups]
     return FactoredTensor([jnp.concatenate(ps, axis=-1) for ps in zip(*parts)], legs_for(k), n)

@@ -6,8 +6,8 @@ import os
 
 from .config import PropagationConfig
 
-# Rank added per hidden layer, in units of the width, by the factored top cumulant (measured; the
-# first hidden layer starts at 2n): leaf groups of the hypertree diagrams plus n for the
+# Rank added per hidden layer, in units of the width, by the factored top cumulant (counted from
+# the construction; the first hidden layer starts at 2n): leaf groups of the hypertree diagrams plus n for the
 # re-factored non-top slices. tests/test_factored.py checks these against the real ranks.
 _FACTORED_RANK_GROWTH = {(3, "simple"): 2, (4, "simple"): 2, (3, "augment"): 8, (4, "augment"): 10}
 
@@ -39,8 +39,8 @@ def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, item
     # jit, so the two layers before it are the largest live ones.
     live_ranks = ranks[-2:] if everything or len(ranks) < 2 else ranks[-3:-1]
     # Input, output and working copies of the factors (contractions are summed over blocks of n
-    # ranks, so their temporaries are small). k = 4, 5 layers, float32: XLA's buffer assignment
-    # 10.4 / 1.31 GB augment at width 256 / 128 (model 10.8 / 1.36), 1.8 GB simple at 256.
+    # ranks, so their temporaries are small); the multiples are calibrated on XLA's buffer
+    # assignment (README, "Memory").
     live = (4 if k == 4 else 3 if config.kind == "simple" else 6) * part * sum(live_ranks)
     dense = (24 if config.kind == "augment" else 12) * n ** (k - 1)
     stored = 2 * part * sum(ranks) if everything else 0

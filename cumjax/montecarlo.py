@@ -23,7 +23,6 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +31,7 @@ from flax import struct
 
 from . import _sampling as smp
 from .gaussian import Gaussian, check_gaussian
-from .mlp import HIGHEST, MLPSpec, forward, validate_params
+from .mlp import MLPSpec, validate_params
 
 
 @struct.dataclass
@@ -47,72 +46,12 @@ class MCResult:
     num_samples: int = struct.field(pytree_node=False)
 
 
-class _Stats(NamedTuple):
-    count: jax.Array  # () number of samples merged
-    mean: dict  # label -> (n,)
-    m2: dict  # label -> (n,) sum of squared deviations from the mean
-    second: dict | None  # label -> (n, n) mean of x x^T
-
-
-# ----------------------------------------------------------------------------- statistics
-
-
-def _merge(a: _Stats, b: _Stats) -> _Stats:
-    """Chan et al.'s parallel update: the statistics of the union of two disjoint sample sets."""
-    n, wb = smp.chan_weights(a.count, b.count)
-    mean, m2 = {}, {}
-    for k in a.mean:
-        mean[k], m2[k] = smp.chan_merge(a.mean[k], a.m2[k], b.mean[k], b.m2[k], a.count, wb)
-    second = None if a.second is None else {k: a.second[k] + (b.second[k] - a.second[k]) * wb for k in a.second}
-    return _Stats(n, mean, m2, second)
-
-
-def _empty(spec: MLPSpec, second_moments: bool, acc) -> _Stats:
-    size = {k: spec.dims[int(k[3:]) + 1] for k in spec.labels}  # "pre{l}"/"act{l}" have size dims[l + 1]
-    zeros = lambda *shape: jnp.zeros(shape, acc)  # noqa: E731
-    second = {k: zeros(n, n) for k, n in size.items()} if second_moments else None
-    return _Stats(zeros(), {k: zeros(n) for k, n in size.items()}, {k: zeros(n) for k, n in size.items()}, second)
-
-
-def _chunk_stats(key, params, spec, mean, factor, rows, valid, second_moments, acc) -> _Stats:
-    """Statistics of the samples ``rows (c,)`` where ``valid (c,)``."""
-    d = mean.shape[0]
-    z = jax.vmap(lambda r: jax.random.normal(jax.random.fold_in(key, r), (d,), mean.dtype))(rows)
-    x = smp.to_inputs(z, mean, factor)
-    w = valid.astype(mean.dtype)[:, None]
-    count = jnp.sum(w)
-    inv = 1 / jnp.maximum(count, 1)
-    stats = _Stats(count.astype(acc), {}, {}, {} if second_moments else None)
-    for k, y in forward(params, spec, x, all_layers=True).items():
-        mu = jnp.sum(w * y, axis=0) * inv
-        dev = (y - mu) * w
-        stats.mean[k], stats.m2[k] = mu.astype(acc), jnp.sum(dev * dev, axis=0).astype(acc)
-        if second_moments:
-            stats.second[k] = (jnp.matmul((w * y).T, y, precision=HIGHEST) * inv).astype(acc)
-    return stats
-
-
-def _stream(key, params, spec, mean, factor, first, stop, num_chunks, chunk, second_moments) -> _Stats:
-    """Statistics of samples ``first <= i < stop``, in ``num_chunks`` chunks of ``chunk`` rows."""
-    acc = smp.accumulation_dtype()
-    offsets = jnp.arange(chunk, dtype=jnp.uint32)
-
-    def body(carry, c):
-        rows = first + c * jnp.uint32(chunk) + offsets
-        return _merge(
-            carry, _chunk_stats(key, params, spec, mean, factor, rows, rows < stop, second_moments, acc)
-        ), None
-
-    out, _ = jax.lax.scan(body, _empty(spec, second_moments, acc), jnp.arange(num_chunks, dtype=jnp.uint32))
-    return out
-
-
 _STATIC = ("spec", "num_samples", "chunk", "num_chunks", "second_moments")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
-def _run(key, params, mean, factor, *, spec, num_samples, chunk, num_chunks, second_moments) -> _Stats:
-    return _stream(
+def _run(key, params, mean, factor, *, spec, num_samples, chunk, num_chunks, second_moments) -> smp.Stats:
+    return smp.stream(
         key, params, spec, mean, factor, jnp.uint32(0), jnp.uint32(num_samples), num_chunks, chunk, second_moments
     )
 
@@ -120,25 +59,25 @@ def _run(key, params, mean, factor, *, spec, num_samples, chunk, num_chunks, sec
 @functools.partial(jax.jit, static_argnames=_STATIC + ("per_device", "mesh"))
 def _run_sharded(
     key, params, mean, factor, *, spec, num_samples, chunk, num_chunks, second_moments, per_device, mesh
-) -> _Stats:
+) -> smp.Stats:
     axis = mesh.axis_names[0]
     P = jax.sharding.PartitionSpec
 
     def local(key, params, mean, factor):  # device d takes samples [d * per_device, (d + 1) * per_device)
         first = jax.lax.axis_index(axis).astype(jnp.uint32) * jnp.uint32(per_device)
         stop = jnp.minimum(first + jnp.uint32(per_device), jnp.uint32(num_samples))
-        s = _stream(key, params, spec, mean, factor, first, stop, num_chunks, chunk, second_moments)
+        s = smp.stream(key, params, spec, mean, factor, first, stop, num_chunks, chunk, second_moments)
         return jax.tree_util.tree_map(lambda x: x[None], s)
 
     # check_vma off: the scan's zero initial carry is replicated while its updates vary per device
     parts = jax.shard_map(local, mesh=mesh, in_specs=P(), out_specs=P(axis), check_vma=False)(key, params, mean, factor)
     s = jax.tree_util.tree_map(lambda x: x[0], parts)
     for d in range(1, mesh.shape[axis]):
-        s = _merge(s, jax.tree_util.tree_map(lambda x, d=d: x[d], parts))
+        s = smp.merge_stats(s, jax.tree_util.tree_map(lambda x, d=d: x[d], parts))
     return s
 
 
-def _result(s: _Stats, num_samples: int) -> MCResult:
+def result_of(s: smp.Stats, num_samples: int) -> MCResult:
     sem = {k: jnp.sqrt(s.m2[k] / (num_samples - 1) / num_samples) for k in s.m2}
     return MCResult(s.mean, sem, s.second, num_samples)
 
@@ -146,7 +85,7 @@ def _result(s: _Stats, num_samples: int) -> MCResult:
 # ----------------------------------------------------------------------------- inputs and plan
 
 
-def _plan(num_samples, chunk_size, devices: int = 1) -> tuple[int, int, int]:
+def plan_chunks(num_samples, chunk_size, devices: int = 1) -> tuple[int, int, int]:
     """``(samples per device, chunk, chunks per device)``; the chunk never exceeds a device's share."""
     num_samples = smp.check_num_samples(num_samples)
     per_device = -(-num_samples // devices)
@@ -158,7 +97,7 @@ def _plan(num_samples, chunk_size, devices: int = 1) -> tuple[int, int, int]:
     return per_device, chunk, -(-per_device // chunk)
 
 
-def _prepare(params, spec, gaussian, dtype, batch_dims=0):
+def prepare(params, spec, gaussian, dtype, batch_dims=0):
     """Validate (shapes always, values where concrete) and cast to the forward dtype:
     ``(params, mean, factor)`` with inputs ``mean + e @ factor.T`` (factor None: identity cov)."""
     if not isinstance(spec, MLPSpec):
@@ -228,8 +167,8 @@ def monte_carlo(
     (shapes are checked always, values where concrete). dtype: of the forward pass; None keeps
     that of params and the input. Deterministic for a given key.
     """
-    _, chunk, num_chunks = _plan(num_samples, chunk_size)
-    params, mean, factor = _prepare(params, spec, gaussian, dtype)
+    _, chunk, num_chunks = plan_chunks(num_samples, chunk_size)
+    params, mean, factor = prepare(params, spec, gaussian, dtype)
     s = _run(
         key,
         params,
@@ -241,7 +180,7 @@ def monte_carlo(
         num_chunks=num_chunks,
         second_moments=second_moments,
     )
-    return _result(s, int(num_samples))
+    return result_of(s, int(num_samples))
 
 
 @_accepts_legacy
@@ -257,8 +196,8 @@ def monte_carlo_batched(
 ) -> MCResult:
     """:func:`monte_carlo` vmapped over a leading network axis of ``batched_params``; network ``i``
     uses ``jax.random.split(key, B)[i]``. Every field of the result gains that leading axis."""
-    _, chunk, num_chunks = _plan(num_samples, chunk_size)
-    params, mean, factor = _prepare(batched_params, spec, gaussian, dtype, batch_dims=1)
+    _, chunk, num_chunks = plan_chunks(num_samples, chunk_size)
+    params, mean, factor = prepare(batched_params, spec, gaussian, dtype, batch_dims=1)
     keys = jax.random.split(key, jax.tree_util.tree_leaves(params)[0].shape[0])
     run = functools.partial(
         _run,
@@ -270,7 +209,7 @@ def monte_carlo_batched(
         num_chunks=num_chunks,
         second_moments=second_moments,
     )
-    return _result(jax.vmap(run)(keys, params), int(num_samples))
+    return result_of(jax.vmap(run)(keys, params), int(num_samples))
 
 
 @_accepts_legacy
@@ -291,8 +230,8 @@ def monte_carlo_sharded(
     mesh = mesh or jax.sharding.Mesh(np.array(jax.devices()), ("samples",))
     if len(mesh.axis_names) != 1:
         raise ValueError(f"need a 1-D mesh, got axes {mesh.axis_names}")
-    per_device, chunk, num_chunks = _plan(num_samples, chunk_size, mesh.size)
-    params, mean, factor = _prepare(params, spec, gaussian, dtype)
+    per_device, chunk, num_chunks = plan_chunks(num_samples, chunk_size, mesh.size)
+    params, mean, factor = prepare(params, spec, gaussian, dtype)
     s = _run_sharded(
         key,
         params,
@@ -306,4 +245,4 @@ def monte_carlo_sharded(
         per_device=per_device,
         mesh=mesh,
     )
-    return _result(s, int(num_samples))
+    return result_of(s, int(num_samples))

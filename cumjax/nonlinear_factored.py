@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from . import diagrams as dg
+from ._fusion import materialize
 from .lowrank import FactoredTensor, Net, contract, from_leaf_groups, refactor
 from .nonlinear import NonlinearStep, sorted_view, zero_coincident
 from .radial import RadialTensor, diagonal
@@ -243,7 +244,7 @@ class FactoredStep(NonlinearStep):
             net = self.cumulant_net(tuple(last[s] for s in order)).relabel({t: order[t] for t in range(m + 1)})
             # power_net kept one diagram per class of equal-power slots: symmetrise over them.
             perms = [p for p in itertools.permutations(range(m)) if all(beta[p[s]] == beta[s] for s in range(m))]
-            summed = net.masked_sum_last(self.n, self.mean.dtype, perms, self.memo)
+            summed = materialize(net.masked_sum_last(self.n, self.mean.dtype, perms, self.memo))
             summed = sum(jnp.transpose(summed, p) for p in perms) / len(perms)
             return total + zero_coincident(summed)
 

@@ -23,6 +23,8 @@ import sys
 
 from common import ResultStore, fit_power_law, load_config, save_figure_atomic, write_json_atomic
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+
 
 def _worker(spec: dict) -> dict:
     """Measure one configuration in this process (called in a fresh subprocess)."""
@@ -54,10 +56,18 @@ def _worker(spec: dict) -> dict:
 
 
 def _run_worker(spec: dict, timeout: float) -> dict:
-    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true"))
+    import cumjax
+
+    # the worker imports common from this folder and the same cumjax as this process
+    paths = [HERE, os.path.dirname(os.path.dirname(os.path.abspath(cumjax.__file__))), os.environ.get("PYTHONPATH")]
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(p for p in paths if p),
+        XLA_FLAGS=os.environ.get("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true"),
+    )
     try:
         proc = subprocess.run(
-            [sys.executable, os.path.abspath(__file__), "--worker", json.dumps(spec)],
+            [sys.executable, os.path.join(HERE, "bench_factored.py"), "--worker", json.dumps(spec)],
             capture_output=True,
             text=True,
             timeout=timeout,

@@ -5,11 +5,12 @@
 2. MSE of the output mean of each order against a high-sample Monte Carlo ground truth, over
    several random networks per width, with fitted slopes of MSE vs width (theory at fixed depth:
    MSE ~ width^-k_max) and the ground truth's own noise floor beside each MSE.
-3. Compile and run time at width 64 for 5 and 16 linear layers, k_max 3 and 4.
+3. Compile and run time at ``compile_width`` for every depth in ``compile_depths`` and k_max in
+   ``compile_orders``.
 
     python experiments/bench_orders.py --config configs/bench_orders_smoke.json
 
-Results are written atomically to ``<out>/bench_orders.json`` after every measurement, and a
+Results are written atomically to ``<out>/bench_orders_<name>.json`` after every measurement, and a
 rerun skips what is already there (resume after interruption).
 """
 
@@ -160,7 +161,10 @@ def main(argv=None):
     enable_x64()  # float64 accumulation; arrays are created with explicit dtypes
     cfg = load_config(args.config)
     path = os.path.join(args.out, f"bench_orders_{cfg['name']}.json")
-    results = json.load(open(path)) if os.path.exists(path) else {}
+    results = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            results = json.load(f)
     save = lambda: write_json_atomic(results, path)  # noqa: E731
     print(f"device: {jax.devices()[0]}  config: {cfg['name']}")
     timing(cfg, results, save)

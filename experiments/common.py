@@ -171,14 +171,17 @@ def network(
     dtype=jnp.float32,
     input_dim: int | None = None,
     output_dim: int | None = None,
+    use_bias: bool | None = None,
     draw_dtype=None,
 ) -> tuple[cj.MLPSpec, dict]:
     """``(spec, params)`` of one random MLP: ``layers`` linear layers of ``width`` (input and
     output default to ``width``), ``activation`` after every hidden layer, drawn from ``init``
-    with ``PRNGKey(seed)`` in ``draw_dtype`` (default: ``dtype``) and cast to ``dtype``."""
-    spec = cj.MLPSpec(input_dim or width, width, output_dim or width, layers, activation, init=init)
-    params = cj.init_params(jax.random.PRNGKey(seed), spec, dtype=draw_dtype or dtype)
-    return spec, jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+    with ``PRNGKey(seed)`` in ``draw_dtype`` (default ``dtype``; each script keeps the draw its
+    recorded results came from) and cast to ``dtype``. use_bias: as in :class:`cumjax.MLPSpec`
+    (default: whether ``init`` draws biases; True gives trainable biases even where they start at
+    zero)."""
+    spec = cj.MLPSpec(input_dim or width, width, output_dim or width, layers, activation, use_bias=use_bias, init=init)
+    return spec, _cast(cj.init_params(jax.random.PRNGKey(seed), spec, dtype=draw_dtype or dtype), dtype)
 
 
 def networks(seed: int, count: int, spec: cj.MLPSpec, dtype=jnp.float32) -> dict:
@@ -186,3 +189,7 @@ def networks(seed: int, count: int, spec: cj.MLPSpec, dtype=jnp.float32) -> dict
     leading network axis."""
     ps = [cj.init_params(jax.random.PRNGKey(seed + i), spec, dtype=dtype) for i in range(count)]
     return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *ps)
+
+
+def _cast(params, dtype):
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype), params)

@@ -41,7 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from common import ResultStore, enable_x64, load_config, save_figure_atomic
+from common import ResultStore, enable_x64, load_config, network, save_figure_atomic
 
 import cumjax as cj
 from cumjax import train as tr
@@ -82,12 +82,14 @@ def check_config(cfg: dict) -> None:
         raise ValueError("need eval_groups >= 3 and >= 2 eval samples per group")
     if cfg.get("schedule", "cosine") not in ("cosine", "constant"):
         raise ValueError(f"schedule must be 'cosine' or 'constant', got {cfg.get('schedule')!r}")
-    _spec(cfg)
+    _network(cfg, 0)  # a bad shape or init raises here
 
 
-def _spec(cfg: dict) -> cj.MLPSpec:
+def _network(cfg: dict, seed: int) -> tuple[cj.MLPSpec, dict]:
+    """``(spec, float32 params)`` of a He network with biases (trainable even at ``bias_var`` 0)."""
     init = cj.Init(kind="he", b_var=float(cfg.get("bias_var", 0.1)))
-    return cj.MLPSpec(cfg["input_dim"], cfg["width"], cfg["output_dim"], cfg["layers"], cfg["activation"], True, init)
+    shape = dict(input_dim=cfg["input_dim"], output_dim=cfg["output_dim"], use_bias=True)
+    return network(seed, cfg["width"], cfg["layers"], cfg["activation"], init, jnp.float32, **shape)
 
 
 def estimator_config(name: str) -> cj.PropagationConfig:
@@ -100,9 +102,8 @@ class Problem:
 
     def __init__(self, cfg: dict, seed: int):
         self.cfg, self.seed = cfg, seed
-        self.spec = _spec(cfg)
-        self.teacher = cj.init_params(jax.random.PRNGKey(1000 + seed), self.spec, dtype=jnp.float32)
-        self.student = cj.init_params(jax.random.PRNGKey(2000 + seed), self.spec, dtype=jnp.float32)
+        self.spec, self.teacher = _network(cfg, 1000 + seed)
+        _, self.student = _network(cfg, 2000 + seed)
         self.gaussian = cj.Gaussian.standard(self.spec.input_dim, jnp.float32)
         self.target = None
 
@@ -164,14 +165,10 @@ def measure_flops(problem: Problem, estimators) -> dict:
     )
     for name in estimators:
         config = estimator_config(name)
-        unrolled = lambda q: tr.estimated_loss(
-            q,
-            problem.spec,
-            problem.gaussian,
-            config,
-            problem.target,  # noqa: E731
-            unroll=True,
-        )
+
+        def unrolled(q, config=config):  # every layer traced, so XLA counts every layer
+            return tr.estimated_loss(q, problem.spec, problem.gaussian, config, problem.target, unroll=True)
+
         grad_flops = cj.compiled_flops(jax.grad(unrolled), p)
         batch = max(int(cfg.get("min_batch", 4)), 2 * int(round((grad_flops - fixed) / per_sample / 2)))
         row = dict(grad_flops=grad_flops, batch=batch, mc_step_flops=fixed + per_sample * batch)

@@ -280,8 +280,9 @@ def print_table(results) -> None:
         print(f"{'sigma':>6}{'p':>10}{'rel err':>9}{'signed':>9}{'MC expected':>13}{'MC realised':>13}{'MC zero':>9}")
         for r in row["per_sigma"]:
             print(
-                f"{r['sigma']:>6.2f}{r['p_median']:>10.2e}{r['rel_err_median']:>9.3f}{r['signed_rel_err_median']:>+9.3f}"
-                f"{r['mc_rel_err_expected']:>13.3g}{r['mc_rel_err_median']:>13.3f}{r['mc_zero_fraction']:>9.2f}"
+                f"{r['sigma']:>6.2f}{r['p_median']:>10.2e}{r['rel_err_median']:>9.3f}"
+                f"{r['signed_rel_err_median']:>+9.3f}{r['mc_rel_err_expected']:>13.3g}"
+                f"{r['mc_rel_err_median']:>13.3f}{r['mc_zero_fraction']:>9.2f}"
             )
 
 

@@ -6,10 +6,12 @@ variant (:mod:`cumjax.whest`) and WhestBench's mean- and covariance-propagation 
 WhestBench's own scorer (``whestbench.scoring.evaluate_estimator``), one network at a time. Prints
 and saves, per estimator: final-layer and all-layer MSE (mean over networks with its standard error,
 and with the ground truth's sampling noise subtracted), wall time per network, FLOPs (cumjax: the
-analytic count of the program that runs, :func:`cumjax.flops.jaxpr_flops`, also charged to
+analytic count of the program that runs, :func:`cumjax.flopcount.jaxpr_flops`, also charged to
 WhestBench's flopscope counter, with XLA's count of the compiled unrolled program beside it;
 baselines: an analytic count, and the scorer's flopscope count, which prices float64 at 2x), and
-the Monte Carlo FLOPs needed to match the final-layer MSE over the estimator's own FLOPs.
+the Monte Carlo FLOPs needed to match the final-layer MSE over the estimator's own FLOPs (the
+final-layer predictions the scorer saw, scored by :func:`cumjax.compare_to_truth`; a lower bound
+where the MSE is not resolved above the ground truth's noise).
 
     python experiments/whestbench_eval.py --config configs/whestbench_smoke.json --out results/
 
@@ -31,7 +33,15 @@ import warnings
 
 import jax
 import numpy as np
-from common import ResultStore, enable_x64, load_config, save_figure_atomic, timed, write_json_atomic
+from common import (
+    ResultStore,
+    compare_to_truth,
+    enable_x64,
+    load_config,
+    save_figure_atomic,
+    timed,
+    write_json_atomic,
+)
 from tqdm import tqdm
 
 import cumjax as cj
@@ -168,14 +178,39 @@ def layer_variances(mlp, samples: int, seed: int) -> list[float]:
     return [float(np.mean(np.asarray(res.sem[f"act{l}"]) ** 2 * samples)) for l in range(spec.num_layers - 1)]
 
 
+class _Recorder:
+    """``estimator`` as the scorer sees it, keeping its last prediction: the scorer reports MSEs
+    only, and :func:`compare_to_truth` needs the estimates themselves."""
+
+    def __init__(self, estimator):
+        self._estimator, self.last = estimator, None
+
+    def predict(self, mlp, budget):
+        self.last = self._estimator.predict(mlp, budget)  # converted after the metered window
+        return self.last
+
+    def __getattr__(self, name):
+        return getattr(self._estimator, name)
+
+
 def score(estimator, data, i: int) -> dict:
+    """WhestBench's score of network ``i`` and the final-layer prediction it scored (float32, as
+    the scorer reads it)."""
     from whestbench.scoring import evaluate_estimator
 
+    recorder = _Recorder(estimator)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # flopscope's symmetry/auto-routing notes inside the baselines
-        report = evaluate_estimator(estimator, one_network(data, i), fail_fast=True)
+        report = evaluate_estimator(recorder, one_network(data, i), fail_fast=True)
     row = report["per_mlp"][0]
-    return {k: row[k] for k in ("final_layer_mse", "all_layers_mse", "per_layer_mse", "flops_used", "wall_time_s")}
+    out = {k: row[k] for k in ("final_layer_mse", "all_layers_mse", "per_layer_mse", "flops_used", "wall_time_s")}
+    out["final_estimate"] = np.asarray(recorder.last, np.float32)[-1].tolist()
+    return out
+
+
+def _scored(store: ResultStore, name: str, i: int) -> bool:
+    """Is network ``i`` scored for ``name``, with the prediction kept (older results lack it)?"""
+    return f"{name}/{i}" in store and "final_estimate" in store[f"{name}/{i}"]
 
 
 def estimators(cfg, variants):
@@ -203,7 +238,7 @@ def run(cfg, variants, data, store: ResultStore):
     for i in range(n):
         store.get_or_compute(f"variance/{i}", lambda i=i: layer_variances(data.mlps[i], cfg["variance_samples"], i))
     for name, make, info in estimators(cfg, variants):
-        todo = [i for i in range(n) if f"{name}/{i}" not in store]
+        todo = [i for i in range(n) if not _scored(store, name, i)]
         if f"info/{name}" in store and (not todo or "skipped" in store[f"info/{name}"]):
             continue
         est = make()
@@ -238,10 +273,14 @@ def run(cfg, variants, data, store: ResultStore):
 
 def summarize(cfg, data, store: ResultStore) -> dict:
     """Per estimator: MSEs over networks (mean, standard error, minus the ground truth's noise),
-    wall time, FLOPs and the Monte Carlo FLOP-equivalence ratio of the final-layer MSE."""
+    wall time, FLOPs and the Monte Carlo FLOP-equivalence ratio of the final-layer MSE
+    (:func:`compare_to_truth`)."""
     n, N = cfg["n_mlps"], cfg["n_samples"]
     final_floor = np.array([v / N for v in data.avg_variances])  # E[MSE of the ground truth itself]
     layer_floor = np.array([store[f"variance/{i}"] for i in range(n)]) / N  # (n, depth)
+    truth = np.stack([np.asarray(t, np.float64) for t in data.final_targets])  # (n, width)
+    # WhestBench keeps each network's average variance only: the same standard error on every neuron
+    truth_sem = np.broadcast_to(np.sqrt(final_floor)[:, None], truth.shape)
     mc_flops = cfg["depth"] * (2 * cfg["width"] ** 2 + cfg["width"])  # one forward pass (matmuls + relus)
     avg_var = float(np.mean(data.avg_variances))
     rows = {}
@@ -252,19 +291,21 @@ def summarize(cfg, data, store: ResultStore) -> dict:
         if "skipped" in info:
             rows[name] = {"skipped": info["skipped"]}
             continue
-        per = [store[f"{name}/{i}"] for i in range(n) if f"{name}/{i}" in store]
-        if len(per) < n:
+        if not all(_scored(store, name, i) for i in range(n)):
             continue
+        per = [store[f"{name}/{i}"] for i in range(n)]
         final = np.array([p["final_layer_mse"] for p in per])
         alll = np.array([p["all_layers_mse"] for p in per])
         per_layer = np.array([p["per_layer_mse"] for p in per])
         flops = info.get("flops", info.get("flops_analytic"))
-        excess = float(np.mean(final - final_floor))
+        est = np.array([p["final_estimate"] for p in per])
+        s = compare_to_truth(est, truth, truth_sem, N, flops, mc_flops)
         se = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x))) if len(x) > 1 else float("nan")  # noqa: E731
         row = dict(
             final_mse=float(final.mean()),
-            final_mse_se=se(final),
-            final_mse_minus_noise=excess,
+            final_mse_se=s["mse_se"],
+            final_mse_minus_noise=s["excess"],
+            final_excess_se=s["excess_se"],
             all_mse=float(alll.mean()),
             all_mse_se=se(alll),
             all_mse_minus_noise=float(np.mean(alll - layer_floor.mean(1))),
@@ -273,10 +314,10 @@ def summarize(cfg, data, store: ResultStore) -> dict:
             flops=flops,
             flops_xla=info.get("flops_xla_unrolled"),
             whest_flops=float(np.mean([p["flops_used"] for p in per])),
-            # MC FLOPs to reach this MSE: (variance / MSE) samples at mc_flops each; a lower bound when
-            # the excess is not resolved above two standard errors of the ground-truth noise
-            mc_flop_ratio=avg_var / max(excess, 2 * se(final) if n > 1 else final_floor.mean()) * mc_flops / flops,
-            resolved=bool(excess > 2 * se(final)) if n > 1 else True,
+            # MC FLOPs to reach this MSE over the estimator's: a lower bound where it is not resolved
+            mc_flop_ratio=s["ratio"] if s["resolved"] else s["ratio_lower"],
+            mc_flop_ratio_range=[s["ratio_low"], s["ratio_high"]] if s["resolved"] else None,
+            resolved=s["resolved"],
         )
         rows[name] = row
     return dict(

@@ -1,4 +1,5 @@
 """mse_vs_flops and mse_vs_width run end to end on their smoke configs, resume, and skip refused variants."""
+
 import json
 import os
 
@@ -53,7 +54,7 @@ def test_mse_vs_flops_smoke_and_resume(tmp_path, monkeypatch):
         s2 = sem.astype(np.float64) ** 2
         assert all(r["mse"] == pytest.approx(np.mean(truth.astype(np.float64) ** 2), rel=1e-9) for r in rows)
         # E[mean(truth^2)] = mean(sem^2) with sd sqrt(2 sum sem^4) / count (Gaussian sample means)
-        assert abs(rows[0]["mse"] - s2.mean()) < 5 * np.sqrt(2 * np.sum(s2 ** 2)) / s2.size
+        assert abs(rows[0]["mse"] - s2.mean()) < 5 * np.sqrt(2 * np.sum(s2**2)) / s2.size
     assert (tmp_path / "mse_vs_flops_smoke.png").stat().st_size > 0
     saved = json.loads((tmp_path / "mse_vs_flops_smoke.json").read_text())
     assert saved["entries"].keys() == data["entries"].keys()
@@ -105,14 +106,30 @@ def test_refused_variant_is_skipped_with_reason(monkeypatch, tmp_path):
     monkeypatch.setattr(mvf, "run_variant", None)
     store = mvf.ResultStore(str(tmp_path / "s.json"))
     truth = (np.zeros((2, 4)), np.ones((2, 4)), 10, 0.0)
-    r = mvf.evaluate(store, "relu/k4_simple_fac", cfg, spec, params, truth,
-                     cj.PropagationConfig(k_max=4, factored=True), exclude="k4_.*fac")
+    r = mvf.evaluate(
+        store,
+        "relu/k4_simple_fac",
+        cfg,
+        spec,
+        params,
+        truth,
+        cj.PropagationConfig(k_max=4, factored=True),
+        exclude="k4_.*fac",
+    )
     assert r["status"] == "skipped" and "excluded" in r["reason"] and store["relu/k4_simple_fac"] == r
     # ... but excluding a variant that already has a score keeps that score
     ok = dict(estimator="k4_augment_fac", status="ok", mse=1.0)
     store.put("relu/k4_augment_fac", ok)
-    r = mvf.evaluate(store, "relu/k4_augment_fac", cfg, spec, params, truth,
-                     cj.PropagationConfig(k_max=4, kind="augment", factored=True), exclude="k4_.*fac")
+    r = mvf.evaluate(
+        store,
+        "relu/k4_augment_fac",
+        cfg,
+        spec,
+        params,
+        truth,
+        cj.PropagationConfig(k_max=4, kind="augment", factored=True),
+        exclude="k4_.*fac",
+    )
     assert r == ok and mvf.ResultStore(str(tmp_path / "s.json"))["relu/k4_augment_fac"] == ok
 
 
@@ -169,7 +186,7 @@ def test_bad_configs_raise_before_work(tmp_path):
 
 def test_fit_slope_recovers_power_law():
     w = np.array([16, 32, 64, 128])
-    f = mvw.fit_slope(w, 3.0 * w ** -2.5)
+    f = mvw.fit_slope(w, 3.0 * w**-2.5)
     assert f["slope"] == pytest.approx(-2.5) and f["slope_se"] < 1e-6
     assert np.isnan(mvw.fit_slope(w[:2], w[:2] ** -1.0)["slope_se"])
 

@@ -1,4 +1,5 @@
 """The README's Python code blocks run as written (so they cannot drift from the API)."""
+
 import os
 import re
 

@@ -1,6 +1,7 @@
 """Every public entry point under jit, grad and vmap, with any mix of closed-over and traced
 arguments, equals its eager value (the patterns a JAX user tries first)."""
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +17,7 @@ MEAN = jnp.linspace(-0.3, 0.4, N)
 COV = 0.8 * jnp.eye(N) + 0.2 / N
 G = cj.Gaussian(MEAN, COV)
 CFGS = [cj.PropagationConfig(k_max=2, kind="augment"), cj.PropagationConfig(k_max=3, factored=True)]
-close = lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-10, atol=1e-13)  # noqa: E731
+close = lambda a, b: chex.assert_trees_all_close(a, b, rtol=1e-10, atol=1e-13)  # noqa: E731
 
 
 def _fd(f, x, d, eps=1e-6):
