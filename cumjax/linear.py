@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 
@@ -10,6 +12,23 @@ from .radial import RadialTensor
 
 Array = jax.Array
 Tower = dict  # degree -> RadialTensor | FactoredTensor
+
+
+def contract_legs(core: Array, W: Array) -> Array:
+    """``W`` on every leg of ``core`` ``(n_in,)*s`` -> ``(n_out,)*s``, one leg at a time, each a
+    matrix product that keeps the axes in place (the first and last legs are plain GEMMs over the
+    flattened other axes, a middle leg a GEMM batched over the axes before it): no transposes."""
+    s = core.ndim
+    if s == 0:
+        return core
+    n_in, n_out = W.shape
+    for leg in range(s):
+        before, after = core.shape[:leg], core.shape[leg + 1 :]
+        x = core.reshape((math.prod(before), n_in, math.prod(after)))
+        # x[p, a, q] W[a, c] -> [p, c, q]
+        x = jnp.einsum("paq,ac->pcq", x, W) if after else jnp.einsum("pa,ac->pc", x[..., 0], W)[..., None]
+        core = x.reshape(before + (n_out,) + after)
+    return core
 
 
 def linear_step(tower: Tower, W: Array, b: Array | None, metric, degrees) -> Tower:
@@ -26,9 +45,7 @@ def linear_step(tower: Tower, W: Array, b: Array | None, metric, degrees) -> Tow
         if isinstance(t, FactoredTensor):
             out[d] = t.linear(W)
             continue
-        core = t.core
-        for _ in range(core.ndim):  # one leg at a time: axes cycle back to their order
-            core = jnp.tensordot(core, W, axes=([0], [0]))
+        core = contract_legs(t.core, W)
         new_metric = None
         if t.r:
             if isinstance(metric, str) and metric == "exact":

@@ -22,8 +22,8 @@ from functools import cache
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from . import products
 from ._fusion import materialize
 
 Array = jax.Array
@@ -47,29 +47,36 @@ def contract(
     memo: a dict shared by the contractions of one step: one that equals an earlier one up to
     renaming its labels and transposing its output is read back (e.g. the diagonals of a factored
     network in a trace are transposed slices of the same tensor)."""
-    factors = [(a, tuple(lab)) for a, lab in factors]
-    # Per-neuron vectors on free labels are applied to the result: inside the einsum they would
-    # scale (and copy) the large rank-carrying factors first.
-    post = [(a, lab[0]) for a, lab in factors if len(lab) == 1 and lab[0] in out and lab[0] >= 0]
-    if len(post) < len(factors):
-        factors = [(a, lab) for a, lab in factors if not (len(lab) == 1 and lab[0] in out)]
+    out = tuple(out)
+    return products.evaluate([(1.0, contract_pieces(factors, out, n, memo))], len(out), n, dtype, labels=out)
+
+
+def contract_pieces(
+    factors: Sequence[tuple[Array, tuple[int, ...]]], out: Sequence[int], n: int, memo: dict | None = None
+) -> list:
+    """The contraction of :func:`contract` as :mod:`cumjax.products` pieces ``(array, labels)``:
+    the factors joined by summed labels contracted into one piece, the others (no summed label)
+    left as they are, to be multiplied in with the other terms of a sum."""
+    factors = [_take_diagonals(a, tuple(lab)) for a, lab in factors]
+    out = tuple(out)
+    summed = {l for _, lab in factors for l in lab if l not in out}
+    if not summed:
+        return factors
+    joined = [(a, lab) for a, lab in factors if set(lab) & summed]
+    rest = [(a, lab) for a, lab in factors if not set(lab) & summed]
+    # factors on free labels only that share no summed label stay outside the einsum: inside it
+    # they would scale (and copy) the large rank-carrying factors first
+    present = {l for _, lab in joined for l in lab}
+    kept = tuple(l for l in out if l in present)
+    if memo is None:
+        core = _einsum(joined, kept, n)
     else:
-        post = []
-    present = {l for _, labels in factors for l in labels}
-    kept = [l for l in out if l in present]
-    if not factors:
-        res = jnp.ones((), dtype)
-    elif memo is None:
-        res = _einsum(factors, kept, n)
-    else:
-        key, perm = _canonical(factors, kept)
+        key, perm = _canonical(joined, kept)
         if key not in memo:  # stored with its output in canonical order (and its arrays, so ids stay unique)
-            memo[key] = (jnp.transpose(_einsum(factors, kept, n), perm), [a for a, _ in factors])
-        res = jnp.transpose(memo[key][0], tuple(int(i) for i in np.argsort(perm)))
-    res = jnp.reshape(res, [n if l in present else 1 for l in out])
-    for v, l in post:
-        res = res * jnp.reshape(v, [n if t == l else 1 for t in out])
-    return jnp.broadcast_to(res, (n,) * len(out))
+            memo[key] = (jnp.transpose(_einsum(joined, kept, n), perm), [a for a, _ in joined])
+        core = memo[key][0]
+        kept = tuple(kept[p] for p in perm)
+    return [(core, kept)] + rest
 
 
 def _einsum(factors, kept, n: int) -> Array:
@@ -330,10 +337,10 @@ class Net:
         return Net(self.m, [(c, fs) for c, fs in reps.values()])
 
     def contract(self, out: Sequence[int], n: int, dtype, memo: dict | None = None) -> Array:
-        total = jnp.zeros((n,) * len(out), dtype)
-        for c, fs in self.terms:
-            total = total + c * contract([(a, lab) for a, lab, _ in fs], out, n, dtype, memo)
-        return total
+        return products.evaluate(self._pieces(out, n, memo), len(out), n, dtype, labels=tuple(out))
+
+    def _pieces(self, out, n, memo, sign: float = 1.0) -> list:
+        return [(sign * c, contract_pieces([(a, lab) for a, lab, _ in fs], out, n, memo)) for c, fs in self.terms]
 
     def masked_sum_last(self, n: int, dtype, perms=None, memo: dict | None = None) -> Array:
         """``out[i_0..i_{m-2}] = sum_{i_{m-1}} x[i]`` over ``i_{m-1}`` distinct from the free
@@ -346,12 +353,12 @@ class Net:
         diagonals = Net(m)
         for a in range(m - 1):
             diagonals = diagonals + self.relabel({m - 1: a})
+        full, diag = self, diagonals
         if perms is not None:  # the caller symmetrises over these permutations of free slots
-            full = [tuple(p) + (m - 1,) for p in perms]
-            return self.merged(full).contract(out, n, dtype, memo) - diagonals.merged(full).contract(
-                out, n, dtype, memo
-            )
-        return self.contract(out, n, dtype, memo) - diagonals.contract(out, n, dtype, memo)
+            group = [tuple(p) + (m - 1,) for p in perms]
+            full, diag = self.merged(group), diagonals.merged(group)
+        terms = full._pieces(out, n, memo) + diag._pieces(out, n, memo, -1.0)
+        return products.evaluate(terms, m - 1, n, dtype)
 
 
 def refactor(slices: dict[tuple[int, ...], Array], k: int, n: int, dtype) -> FactoredTensor:

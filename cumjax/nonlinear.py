@@ -10,20 +10,19 @@ the tracked radial pieces through traces.
 from __future__ import annotations
 
 import itertools
-from collections import defaultdict
 
 import jax
 import jax.numpy as jnp
 
 from . import activations as _act
 from . import diagrams as dg
+from . import products
 from ._fusion import materialize
 from .config import PropagationConfig
-from .radial import RadialTensor, place
+from .radial import RadialTensor
 
 Array = jax.Array
 Tower = dict  # degree -> RadialTensor | FactoredTensor
-_ROW_BLOCK_ENTRIES = 1 << 18  # slices larger than this are summed in blocks of rows
 
 
 def zero_coincident(x: Array) -> Array:
@@ -36,6 +35,15 @@ def zero_coincident(x: Array) -> Array:
     for a, b in itertools.combinations(range(m), 2):
         x = x.at[tuple(i if t in (a, b) else slice(None) for t in range(m))].set(0.0)
     return x
+
+
+def sorted_piece(get, v: dg.Vec):
+    """``get(pattern)`` for the sorted nonzero entries of the slot vector ``v``, as a
+    :mod:`cumjax.products` piece: the array in sorted order and the slot of each of its axes (so
+    no transpose is made here)."""
+    slots = [j for j in range(len(v)) if v[j]]
+    order = sorted(slots, key=lambda j: -v[j])
+    return get(tuple(v[j] for j in order)), tuple(order)
 
 
 def sorted_view(get, pattern: dg.Vec) -> Array:
@@ -63,8 +71,10 @@ class NonlinearStep:
         self._memo: dict = {}
 
     def _cached(self, key, fn):
+        # every cached array (Gaussian expectations included) is computed once into a buffer, not
+        # re-evaluated inside each n^m loop that reads it
         if key not in self._memo:
-            self._memo[key] = materialize(fn())
+            self._memo[key] = materialize(fn(), min_ndim=1)
         return self._memo[key]
 
     def wick(self, order: int, power: int) -> Array:
@@ -75,67 +85,26 @@ class NonlinearStep:
     def block(self, pattern: dg.Vec) -> Array:
         return self._cached(("b", pattern), lambda: self.tower[sum(pattern)].slice(pattern))
 
+    def block_piece(self, pattern: dg.Vec, slots: tuple[int, ...]):
+        """Block ``pattern`` on ``slots`` as a :mod:`cumjax.products` piece ``(array, labels)``."""
+        return self.block(tuple(pattern)), slots
+
     def power_cumulant(self, alpha: dg.Vec) -> Array:
-        """Slice ``alpha`` (sorted) of the joint cumulants of powers of phi(Z): the diagram sum."""
+        """Slice ``alpha`` (sorted) of the joint cumulants of powers of phi(Z): the diagram sum,
+        each diagram a product of input blocks and one Gaussian expectation per slot, summed as
+        stacked contractions (:mod:`cumjax.products`)."""
 
         def build():
-            m, n, cfg = len(alpha), self.n, self.cfg
-            by_orders = defaultdict(list)
-            for t in dg.diagrams(alpha, cfg.k_max, cfg.kind, self.degrees, cfg.factored):
-                by_orders[t.orders].append(t)
-            factors, plan = {}, []  # broadcastable factor arrays; per Wick orders: terms and Wick keys
-            for orders, group in by_orders.items():
-                terms = []
-                for t in group:
-                    keys = []
-                    for v in t.blocks:
-                        slots = tuple(j for j in range(m) if v[j])
-                        key = ("b", tuple(v[j] for j in slots), slots)
-                        if key not in factors:
-                            factors[key] = place(self.block(key[1]), slots, m, n)
-                        keys.append(key)
-                    terms.append((t.coef, keys))
-                wick_keys = []
-                for j, (o, p) in enumerate(zip(orders, alpha)):
-                    key = ("w", o, p, j)
-                    if key not in factors:
-                        factors[key] = place(self.wick(o, p), (j,), m, n)
-                    wick_keys.append(key)
-                plan.append((terms, wick_keys))
-
-            def evaluate(f, shape):
-                total = jnp.zeros(shape, self.mean.dtype)
-                for terms, wick_keys in plan:
-                    inner = 0.0
-                    for coef, keys in terms:
-                        prod = coef
-                        for key in keys:
-                            prod = prod * f[key]
-                        inner = inner + prod
-                    for key in wick_keys:
-                        inner = inner * f[key]
-                    total = total + inner
-                return total
-
-            if m < 4 or n**m <= _ROW_BLOCK_ENTRIES:
-                return evaluate(factors, (n,) * m)
-            # Large 4-slot slices (k_max = 4): sum the diagrams block of rows by block of rows so
-            # every intermediate stays cache-sized instead of streaming O(terms) full (n,)^4 arrays
-            # through memory (faster for 4-slot slices, slower for 3-slot ones).
-            rows = (
-                max(d for d in range(1, n + 1) if n % d == 0 and d * n ** (m - 1) <= _ROW_BLOCK_ENTRIES)
-                if n ** (m - 1) <= _ROW_BLOCK_ENTRIES
-                else 1
-            )
-
-            def block(i):
-                f = {
-                    k: jax.lax.dynamic_slice_in_dim(x, i * rows, rows, 0) if x.shape[0] == n else x
-                    for k, x in factors.items()
-                }
-                return evaluate(f, (rows,) + (n,) * (m - 1))
-
-            return jax.lax.map(block, jnp.arange(n // rows)).reshape((n,) * m)
+            m = len(alpha)
+            terms = []
+            for t in dg.diagrams(alpha, self.cfg.k_max, self.cfg.kind, self.degrees, self.cfg.factored):
+                pieces = []
+                for v in t.blocks:
+                    slots = tuple(j for j in range(m) if v[j])
+                    pieces.append(self.block_piece(tuple(v[j] for j in slots), slots))
+                pieces += [(self.wick(o, p), (j,)) for j, (o, p) in enumerate(zip(t.orders, alpha))]
+                terms.append((t.coef, pieces))
+            return products.evaluate(terms, m, self.n, self.mean.dtype)
 
         return self._cached(("p", alpha), build)
 
@@ -143,16 +112,11 @@ class NonlinearStep:
         """Slice ``alpha`` (sorted) of the cumulants of phi(Z), zero on coincident indices."""
 
         def build():
-            m, n = len(alpha), self.n
-            total = 0.0
+            m = len(alpha)
+            terms = []
             for coef, pieces in dg.cumulant_from_power_cumulants(alpha):
-                prod = coef
-                for v in pieces:
-                    slots = [j for j in range(m) if v[j]]
-                    pk = sorted_view(self.power_cumulant, tuple(v[j] for j in slots))
-                    prod = prod * place(pk, slots, m, n)
-                total = total + prod
-            return zero_coincident(jnp.broadcast_to(total, (n,) * m))
+                terms.append((coef, [sorted_piece(self.power_cumulant, v) for v in pieces]))
+            return zero_coincident(products.evaluate(terms, m, self.n, self.mean.dtype))
 
         return self._cached(("k", alpha), build)
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from . import diagrams as dg
 from ._fusion import materialize
 from .lowrank import FactoredTensor, Net, contract, from_leaf_groups, refactor
-from .nonlinear import NonlinearStep, sorted_view, zero_coincident
+from .nonlinear import NonlinearStep, sorted_piece, sorted_view, zero_coincident
 from .radial import RadialTensor, diagonal
 
 Array = jax.Array
@@ -61,6 +61,16 @@ class FactoredStep(NonlinearStep):
         srt = tuple(sorted(pattern, reverse=True))
         full = self._cached(("b", srt), lambda: t.slice(srt, self.memo))
         return full if srt == pattern else self._cached(("b", pattern), lambda: sorted_view(lambda _: full, pattern))
+
+    def block_piece(self, pattern, slots):
+        t = self.tower[sum(pattern)]
+        if not isinstance(t, FactoredTensor):
+            return super().block_piece(pattern, slots)
+        # the sorted slice (computed once) with its axes labelled: no transposed copy
+        v = [0] * (max(slots) + 1)
+        for j, x in zip(slots, pattern):
+            v[j] = x
+        return sorted_piece(self.block, tuple(v))
 
     def power_cumulant(self, alpha):
         assert len(alpha) < self.k, "k-slot power cumulants are networks (power_net)"

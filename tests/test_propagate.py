@@ -9,7 +9,6 @@ import pytest
 from goldens import golden_arrays, golden_files, ids, load
 
 import cumjax as cj
-from cumjax import nonlinear
 from cumjax.config import PropagationConfig
 
 GOLDEN_FILES = golden_files()
@@ -227,19 +226,3 @@ def test_higher_orders_are_more_accurate_than_sampling_noise_allows_to_doubt():
     }
     assert mse[1] > 3 * mse[2] > 9 * mse[3], mse
     assert mse[3] > floor, (mse, floor)  # the comparison above is not noise
-
-
-ROW_BLOCK_CASES = [
-    pytest.param(p, marks=[] if "cases/p012" in p else [pytest.mark.slow], id=ids([p])[0])
-    for p in GOLDEN_FILES
-    if any(s in p for s in ("cases/p012", "cases/p013"))
-]
-
-
-@pytest.mark.parametrize("path", ROW_BLOCK_CASES)
-def test_row_blocked_diagram_sums_match_golden(path, monkeypatch):
-    """Large slices are summed in blocks of rows (lax.map); force that path on small goldens."""
-    monkeypatch.setattr(nonlinear, "_ROW_BLOCK_ENTRIES", 64)
-    spec, params, gaussian, config, meta, arrays = load(path)
-    out = jax.jit(lambda p: cj.propagate(p, spec, gaussian, config))(params)
-    _check_against_golden(out, arrays)
