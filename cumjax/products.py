@@ -26,6 +26,7 @@ Array = jax.Array
 Piece = tuple[Array, tuple[int, ...]]  # an array and the slot of each of its axes (distinct)
 Term = tuple[float, Sequence[Piece]]
 _LETTERS = string.ascii_lowercase
+_MIN_STACK = 8  # fewer terms than this are summed as broadcast products, not contracted
 
 
 def _canonical(p: Piece) -> Piece:
@@ -123,10 +124,19 @@ def evaluate(terms: Sequence[Term], m: int, n: int, dtype, labels: tuple[int, ..
             # a weighted sum of arrays with equal axis order: one contiguous pass (no stacking,
             # which would copy every n^3 array)
             part, labels = sum(c * p[0][0] for c, p in members), sig[0]
+        elif len(members) < _MIN_STACK:
+            # a few terms: broadcast products summed in the output's own layout; a dot_general
+            # would write its output in (batch, free) order and need a strided transpose
+            part, labels = _sum_products(members)
         else:
             part, labels = _contract_pairs(members, sig)
         total = total + _placed(part, labels, m, n)
     return total
+
+
+def _sum_products(members) -> tuple[Array, tuple[int, ...]]:
+    parts = [_times(p[0], p[1]) for _, p in members]
+    return sum(c * a for (c, _), (a, _) in zip(members, parts)), parts[0][1]
 
 
 def _contract_pairs(members, sig) -> tuple[Array, tuple[int, ...]]:
