@@ -25,6 +25,11 @@ class PropagationConfig:
         ``simple``; for ``augment`` it drops the diagrams that admit no low-rank evaluation): cost
         and memory drop by a factor of width. Ignored for k_max <= 2.
     output_degree: highest degree passed through the output layer (None: all tracked).
+    rank_layers: factored only: keep in the low-rank top cumulant just the rank blocks created by
+        the last ``rank_layers`` hidden layers, dropping older ones (their contribution is damped
+        by every nonlinearity since, by about E[phi'(Z)]^k w_var^(k/2) per layer: 0.35 for ReLU,
+        k = 3). The rank then stops growing after ``rank_layers`` layers and so does the cost per
+        layer. None (default): keep everything (exact; the goldens).
     """
 
     k_max: int = 2
@@ -32,6 +37,7 @@ class PropagationConfig:
     avg_metric: bool = False
     factored: bool = False
     output_degree: int | None = None
+    rank_layers: int | None = None
 
     def __post_init__(self):
         if not _is_int(self.k_max) or self.k_max not in (1, 2, 3, 4):
@@ -44,6 +50,8 @@ class PropagationConfig:
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.output_degree is not None and (not _is_int(self.output_degree) or self.output_degree < 1):
             raise ValueError(f"output_degree must be an int >= 1 or None, got {self.output_degree!r}")
+        if self.rank_layers is not None and (not _is_int(self.rank_layers) or self.rank_layers < 1):
+            raise ValueError(f"rank_layers must be an int >= 1 or None, got {self.rank_layers!r}")
 
     @property
     def is_factored(self) -> bool:
@@ -53,6 +61,8 @@ class PropagationConfig:
     @property
     def name(self) -> str:
         fac = "_fac" if self.is_factored else ""
+        if self.is_factored and self.rank_layers is not None:
+            fac += f"{self.rank_layers}"
         avg = "_avg" if self.avg_metric else ""
         return f"k{self.k_max}_{self.kind}{fac}{avg}"
 

@@ -201,13 +201,16 @@ class FactoredTensor:
 
     parts: arrays of shape ``(n,)*legs[p] + (R,)``, each symmetric in its leading legs; the
     degree is ``sum(legs)``. k = 3: legs (1, 1, 1); k = 4: legs (1, 1, 2).
+    blocks: static sizes of consecutive rank blocks summing to R, oldest first (the propagation
+    appends one per hidden layer; :meth:`keep_last` drops the oldest). Default: one block.
     """
 
-    def __init__(self, parts: Sequence[Array], legs: tuple[int, ...], n: int):
+    def __init__(self, parts: Sequence[Array], legs: tuple[int, ...], n: int, blocks: tuple[int, ...] | None = None):
         self.parts, self.legs, self.n = tuple(parts), tuple(legs), n
+        self.blocks = (self.rank,) if blocks is None else tuple(blocks)
 
     def tree_flatten(self):
-        return self.parts, (self.legs, self.n)
+        return self.parts, (self.legs, self.n, self.blocks)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -222,13 +225,31 @@ class FactoredTensor:
         return self.parts[0].shape[-1]
 
     def __repr__(self):
-        return f"FactoredTensor(degree={self.degree}, n={self.n}, rank={self.rank}, legs={self.legs})"
+        return (
+            f"FactoredTensor(degree={self.degree}, n={self.n}, rank={self.rank}, legs={self.legs}, "
+            f"blocks={self.blocks})"
+        )
 
     def concat(self, other: FactoredTensor) -> FactoredTensor:
         assert self.legs == other.legs
         return FactoredTensor(
-            [jnp.concatenate([a, b], axis=-1) for a, b in zip(self.parts, other.parts)], self.legs, self.n
+            [jnp.concatenate([a, b], axis=-1) for a, b in zip(self.parts, other.parts)],
+            self.legs,
+            self.n,
+            self.blocks + other.blocks,
         )
+
+    def merged_blocks(self, keep: int) -> FactoredTensor:
+        """The same tensor with every rank block after the first ``keep`` merged into one."""
+        return FactoredTensor(self.parts, self.legs, self.n, self.blocks[:keep] + (sum(self.blocks[keep:]),))
+
+    def keep_last(self, num_blocks: int) -> FactoredTensor:
+        """Only the newest ``num_blocks`` rank blocks (a truncation: the tensor changes)."""
+        if len(self.blocks) <= num_blocks:
+            return self
+        blocks = self.blocks[-num_blocks:]
+        drop = self.rank - sum(blocks)
+        return FactoredTensor([p[..., drop:] for p in self.parts], self.legs, self.n, blocks)
 
     def linear(self, W: Array) -> FactoredTensor:
         """The cumulant of ``x @ W``: every leg contracted with W (O(n_in n_out R) per leg)."""
@@ -240,7 +261,7 @@ class FactoredTensor:
                 parts.append(
                     _map_rank_blocks(lambda b: jnp.einsum("abr,ac,bd->cdr", b, W, W, optimize="auto"), p, self.n)
                 )
-        return FactoredTensor(parts, self.legs, W.shape[1])
+        return FactoredTensor(parts, self.legs, W.shape[1], self.blocks)
 
     def scale_legs(self, v: Array, coef=1.0) -> FactoredTensor:
         """``coef * T * (v (x) ... (x) v)`` (the same per-neuron factor on every leg)."""
@@ -249,7 +270,7 @@ class FactoredTensor:
             for t in range(l):
                 p = p * jnp.reshape(v, [self.n if s == t else 1 for s in range(l)] + [1])
             parts.append(p * coef if i == 0 else p)
-        return FactoredTensor(parts, self.legs, self.n)
+        return FactoredTensor(parts, self.legs, self.n, self.blocks)
 
     def slice(self, pattern: Sequence[int], memo: dict | None = None) -> Array:
         """Entries at distinct neurons repeated ``pattern`` times: ``(n,)*len(pattern)``

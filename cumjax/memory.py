@@ -13,9 +13,12 @@ _FACTORED_RANK_GROWTH = {(3, "simple"): 2, (4, "simple"): 2, (3, "augment"): 8, 
 
 
 def factored_ranks(width: int, num_layers: int, config: PropagationConfig) -> list[int]:
-    """Rank of the factored top cumulant after each hidden layer (an upper bound with avg_metric)."""
+    """Rank of the factored top cumulant after each hidden layer (an upper bound with avg_metric):
+    the sum of the rank blocks each layer adds (2n, then g n), or of the last ``rank_layers``."""
     g = _FACTORED_RANK_GROWTH[(config.k_max, config.kind)]
-    return [width * (2 + g * l) for l in range(num_layers - 1)]
+    added = [width * (2 if l == 0 else g) for l in range(num_layers - 1)]
+    m = config.rank_layers or num_layers
+    return [sum(added[max(0, l + 1 - m) : l + 1]) for l in range(num_layers - 1)]
 
 
 def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, itemsize: int = 4) -> int:

@@ -152,7 +152,9 @@ class FactoredStep(NonlinearStep):
 
         def build():
             coefs, leaves = self._top_parts()
-            out = [self.tower[self.k].scale_legs(self.wick(1, 1), c) for c in coefs] + ([leaves] if leaves else [])
+            # one scaled copy of the input's top for all its diagrams (they differ by a scalar)
+            out = [self.tower[self.k].scale_legs(self.wick(1, 1), sum(coefs))] if coefs else []
+            out += [leaves] if leaves else []
             res = out[0]
             for f in out[1:]:
                 res = res.concat(f)
@@ -264,10 +266,33 @@ class FactoredStep(NonlinearStep):
         if d != self.k:
             return super().output_degree(d, r)
         # Non-top slices: the true dense ones minus what the factored top already puts there,
-        # re-factored (rank n) and appended.
+        # re-factored (rank n) and appended as part of this layer's new rank block.
+        top, top_slice = self.top_factored(), self.top_slice
+        if self.cfg.rank_layers is not None:
+            top, top_slice = self._truncated_top(self.cfg.rank_layers)
         slices = {
-            beta: zero_coincident(self.cumulant(beta) - self.top_slice(beta))
+            beta: zero_coincident(self.cumulant(beta) - top_slice(beta))
             for beta in dg.int_partitions(d)
             if beta != self.top
         }
-        return self.top_factored().concat(refactor(slices, d, self.n, self.mean.dtype))
+        out = top.concat(refactor(slices, d, self.n, self.mean.dtype))
+        new = 2 if self._top_parts()[1] is not None else 1  # leaf groups + re-factored slices: one block
+        return out.merged_blocks(len(out.blocks) - new)
+
+    def _truncated_top(self, m: int):
+        """The new top without the inherited rank blocks older than the last ``m - 1`` layers
+        (``rank_layers = m``), and its slice function. Only its all-distinct part is dropped: the
+        re-factored non-top slices are taken against this truncated top, so they stay exact."""
+        coefs, leaves = self._top_parts()
+        inherited = self.tower.get(self.k)
+        if not coefs or not isinstance(inherited, FactoredTensor) or len(inherited.blocks) < m:
+            return self.top_factored(), self.top_slice  # nothing to drop
+        w, c = self.wick(1, 1), sum(coefs)
+        kept = inherited.keep_last(m - 1).scale_legs(w, c) if m > 1 else None
+        top = leaves if kept is None else kept.concat(leaves) if leaves else kept
+        dropped_rank = inherited.rank - (kept.rank if kept is not None else 0)
+        if dropped_rank >= top.rank:
+            return top, top.slice
+        dropped = FactoredTensor([p[..., :dropped_rank] for p in inherited.parts], inherited.legs, self.n)
+        dropped = dropped.scale_legs(w, c)
+        return top, lambda beta: self.top_slice(beta) - dropped.slice(beta)

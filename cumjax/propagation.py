@@ -158,15 +158,15 @@ def propagate(
     # Hidden layers after the first share one tower structure: with equal shapes and
     # activations, scan over them so compile time does not grow with depth.
     scan_from, scan_to = 1, L - 1
-    # The factored top cumulant's rank grows by O(n) per layer, so layers differ in shape and
+    # The exact factored top cumulant's rank grows by O(n) per layer, so layers differ in shape and
     # cannot share a scan body; padding every layer to the last layer's rank would multiply the
-    # early layers' cost (up to ~L/2 times on average), so the factored path is unrolled: compile
-    # time grows with depth instead.
+    # early layers' cost (up to ~L/2 times on average), so that path is unrolled: compile time
+    # grows with depth instead. With rank_layers = m the rank is constant from hidden layer m on,
+    # so layers whose input and output both have it (m + 1 on) are scanned.
+    if factored:
+        scan_from = L if config.rank_layers is None else config.rank_layers + 1
     scannable = (
-        not unroll
-        and not factored
-        and scan_to - scan_from >= 2
-        and len({activations[l] for l in range(scan_from, scan_to)}) == 1
+        not unroll and scan_to - scan_from >= 2 and len({activations[l] for l in range(scan_from, scan_to)}) == 1
     )
     scannable = scannable and len({(layers[l][0].shape, layers[l][1] is None) for l in range(scan_from, scan_to)}) == 1
     l = 0

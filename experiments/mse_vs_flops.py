@@ -65,11 +65,13 @@ def check_config(cfg: dict, required=REQUIRED) -> None:
 
 
 def variants(cfg) -> list[cj.PropagationConfig]:
-    """Every (k_max, term set) of the config, and the factored term set for k_max 3/4."""
+    """Every (k_max, term set) of the config, and the factored term set for k_max 3/4 (``factored``,
+    default true; ``dense_high: false`` leaves out the unfactored k_max 3/4)."""
     out = []
     for k in cfg["orders"]:
         for kind in cfg["kinds"]:
-            out.append(cj.PropagationConfig(k_max=k, kind=kind, output_degree=1))
+            if k < 3 or cfg.get("dense_high", True):
+                out.append(cj.PropagationConfig(k_max=k, kind=kind, output_degree=1))
             if k >= 3 and cfg.get("factored", True):
                 out.append(cj.PropagationConfig(k_max=k, kind=kind, factored=True, output_degree=1))
     return out
@@ -139,9 +141,10 @@ def flop_report(cfg, spec, params, config: cj.PropagationConfig) -> dict:
     return dict(analytic=cj.estimator_flops(single, spec, g, config))
 
 
-def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None) -> dict:
-    """Estimates (B, n) of one variant for every network, its FLOPs and times; or
-    ``{"status": "skipped", "reason": ...}`` when the memory guard refuses it.
+def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None, estimate=cj.estimate_mean) -> dict:
+    """Estimates (B, ...) of one variant for every network (``estimate(params, spec, gaussian,
+    config)``, default the output mean), its FLOPs and times; or ``{"status": "skipped", "reason":
+    ...}`` when the memory guard refuses it.
     checkpoint: ``(store, key)``: the estimates of every finished group of networks (one network
     per group where they are too large to vmap together) are saved under ``key + "#partial"`` and a
     rerun starts after them (an interrupted hour-long variant loses at most one group)."""
@@ -154,7 +157,7 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None
     per_net = cj.estimated_bytes(spec.width, spec.num_layers, config, jnp.dtype(dtype).itemsize)
     budget = float(cfg.get("vmap_bytes", 4e9))
     batch = int(max(1, min(B, budget // max(per_net, 1))))
-    one = lambda p: cj.estimate_mean(p, spec, g, config)  # noqa: E731
+    one = lambda p: estimate(p, spec, g, config)  # noqa: E731
     fn = jax.jit(lambda ps: jax.lax.map(one, ps, batch_size=batch))
     store, pkey = checkpoint if checkpoint is not None else (None, None)
     old = store.entries.get(pkey) if store is not None else None

@@ -3,9 +3,11 @@ at equal FLOPs, against an importance-sampled ground truth.
 
 Network (as in the paper's LPE preset): He-initialised ReLU MLP without biases on N(0, I); z =
 pre{layer}. Thresholds per neuron: t = mean_i + s * sd_i (sample moments of z) for each s in
-``sigmas``. Each estimator computes every threshold and neuron in one vmapped run (the
-thresholded network of :mod:`cumjax.tails`); its FLOPs (analytic jaxpr count) buy Monte Carlo
-N = FLOPs / (forward pass to z + comparisons) samples, run on the same thresholds.
+``sigmas``, or the same absolute thresholds t for every neuron (``thresholds``; the authors'
+setting is t = 3, a heaviside after a bias of -3). Each estimator computes every threshold and
+neuron in one vmapped run (the thresholded network of :mod:`cumjax.tails`); its FLOPs (analytic
+jaxpr count) buy Monte Carlo N = FLOPs / (forward pass to z + comparisons) samples, run on the
+same thresholds.
 
 Ground truth on ``truth_neurons`` neurons: :func:`cumjax.importance.tail_importance_sampling`
 (defensive-mixture mean-shift IS with radial integration; standard errors from the weighted
@@ -35,7 +37,6 @@ REQUIRED = (
     "width",
     "layer",
     "seed",
-    "sigmas",
     "estimators",
     "truth_neurons",
     "moment_samples",
@@ -52,8 +53,11 @@ def check_config(cfg: dict) -> None:
         raise ValueError("layer must be an int >= 1 (z = pre{layer} after `layer` ReLU layers)")
     if not 1 <= cfg["truth_neurons"] <= cfg["width"]:
         raise ValueError("truth_neurons must lie in [1, width]")
-    if not cfg["sigmas"] or sorted(cfg["sigmas"]) != list(cfg["sigmas"]):
-        raise ValueError("sigmas must be a non-empty increasing list")
+    if ("sigmas" in cfg) == ("thresholds" in cfg):
+        raise ValueError("give exactly one of sigmas (t = mean + s sd per neuron) and thresholds (absolute t)")
+    levels = cfg.get("sigmas", cfg.get("thresholds"))
+    if not levels or sorted(levels) != list(levels):
+        raise ValueError(f"{level_name(cfg)}s must be a non-empty increasing list")
     for e in cfg["estimators"]:
         cj.PropagationConfig(**e)  # validates k_max and kind
 
@@ -74,7 +78,7 @@ def main(argv=None) -> dict:
     spec, params = network(cfg["seed"], n, layer + 1, "relu", dtype=jnp.float64)
     g = cj.Gaussian.standard(n, jnp.float64)
     chunk = cfg.get("chunk", 4096)
-    sigmas = np.asarray(cfg["sigmas"], float)
+    levels = np.asarray(cfg.get("sigmas", cfg.get("thresholds")), float)
     truth_idx = np.arange(cfg["truth_neurons"])  # the network is random: the first m neurons are a random sample
     key = jax.random.PRNGKey(cfg["seed"] + 1)
     k_mom, k_is, k_val, k_mc = jax.random.split(key, 4)
@@ -86,8 +90,11 @@ def main(argv=None) -> dict:
         return dict(mean=np.asarray(mc.mean[z]).tolist(), sd=sd.tolist())
 
     mom = store.get_or_compute("moments", moments)
-    thresholds = np.asarray(mom["mean"])[None] + sigmas[:, None] * np.asarray(mom["sd"])[None]  # (T, n)
-    per_sample = tails.sample_flops(spec, layer, len(sigmas))
+    if "sigmas" in cfg:
+        thresholds = np.asarray(mom["mean"])[None] + levels[:, None] * np.asarray(mom["sd"])[None]  # (T, n)
+    else:
+        thresholds = np.broadcast_to(levels[:, None], (len(levels), n)).copy()
+    per_sample = tails.sample_flops(spec, layer, len(levels))
 
     # --- cumulant estimates, their FLOPs, and Monte Carlo with the same FLOPs
     for e in tqdm(cfg["estimators"], desc="estimators"):
@@ -131,7 +138,7 @@ def main(argv=None) -> dict:
                 spec,
                 g,
                 layer,
-                [i] * len(sigmas),
+                [i] * len(levels),
                 thresholds[:, i],
                 int(cfg["is_samples"]),
                 chunk_size=chunk,
@@ -148,7 +155,7 @@ def main(argv=None) -> dict:
         return dict(p=mc.mean[:, truth_idx].tolist(), sem=mc.sem[:, truth_idx].tolist())
 
     val = store.get_or_compute("validation", validate)
-    results = summarise(cfg, store, sigmas, truth_idx, val, per_sample)
+    results = summarise(cfg, store, levels, truth_idx, val, per_sample)
     store.data["summary"] = results
     store.put("done", True)
     plot(results, os.path.join(args.out, f"{name}.png"))
@@ -156,7 +163,12 @@ def main(argv=None) -> dict:
     return store.data
 
 
-def summarise(cfg, store, sigmas, truth_idx, val, per_sample) -> dict:
+def level_name(cfg) -> str:
+    """How the config gives its thresholds: ``sigma`` (mean + s sd per neuron) or ``threshold``."""
+    return "sigma" if "sigmas" in cfg else "threshold"
+
+
+def summarise(cfg, store, levels, truth_idx, val, per_sample) -> dict:
     truth = np.array([store[f"truth_n{int(i)}"]["p"] for i in truth_idx]).T  # (T, m)
     truth_se = np.array([store[f"truth_n{int(i)}"]["sem"] for i in truth_idx]).T
     vp, vse = np.asarray(val["p"]), np.asarray(val["sem"])
@@ -180,11 +192,11 @@ def summarise(cfg, store, sigmas, truth_idx, val, per_sample) -> dict:
         rel = np.abs(est - truth) / truth
         rel_mc = np.abs(mc - truth) / truth
         per_sigma = []
-        for j, s in enumerate(sigmas):
+        for j, s in enumerate(levels):
             p = float(np.median(truth[j]))
             per_sigma.append(
                 dict(
-                    sigma=float(s),
+                    **{level_name(cfg): float(s)},
                     p_median=p,
                     p_min=float(truth[j].min()),
                     p_max=float(truth[j].max()),
@@ -277,10 +289,10 @@ def print_table(results) -> None:
             f"(resolves p ~ {row['mc_resolvable_p']:.2g}); smallest p with median rel. err < 30%: "
             f"{row['smallest_p_under_30pct']}, < 50%: {row['smallest_p_under_50pct']}"
         )
-        print(f"{'sigma':>6}{'p':>10}{'rel err':>9}{'signed':>9}{'MC expected':>13}{'MC realised':>13}{'MC zero':>9}")
+        print(f"{'level':>6}{'p':>10}{'rel err':>9}{'signed':>9}{'MC expected':>13}{'MC realised':>13}{'MC zero':>9}")
         for r in row["per_sigma"]:
             print(
-                f"{r['sigma']:>6.2f}{r['p_median']:>10.2e}{r['rel_err_median']:>9.3f}"
+                f"{r.get('sigma', r.get('threshold')):>6.2f}{r['p_median']:>10.2e}{r['rel_err_median']:>9.3f}"
                 f"{r['signed_rel_err_median']:>+9.3f}{r['mc_rel_err_expected']:>13.3g}"
                 f"{r['mc_rel_err_median']:>13.3f}{r['mc_zero_fraction']:>9.2f}"
             )

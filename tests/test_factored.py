@@ -199,3 +199,62 @@ def test_bench_factored_rejects_bad_config(tmp_path):
     )
     with pytest.raises(ValueError, match="orders"):
         bench_factored.main(["--config", str(bad), "--out", str(tmp_path)])
+
+
+# ----------------------------------------------------------------------------- bounded rank (rank_layers)
+
+
+@pytest.mark.parametrize("k,kind", [(3, "simple"), (4, "simple"), (3, "augment")])
+def test_rank_layers_drops_only_old_all_distinct_terms(k, kind):
+    """rank_layers = m keeps the rank blocks of the last m layers: the ranks follow the model, and
+    one step of the bounded mode differs from the exact step on the same input only on
+    all-distinct entries, by exactly the dropped inherited blocks scaled by E[phi'] on every leg."""
+    from cumjax.linear import linear_step
+    from cumjax.nonlinear_factored import FactoredStep
+
+    with jax.enable_x64(True):
+        n, L, m = 4, 5, 1
+        spec, params = _random_net(1, n, L)
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
+        g = cj.Gaussian.standard(n, jnp.float64)
+        exact = PropagationConfig(k_max=k, kind=kind, factored=True)
+        bounded = PropagationConfig(k_max=k, kind=kind, factored=True, rank_layers=m)
+        assert factored_ranks(n, L, bounded)[-1] < factored_ranks(n, L, exact)[-1]
+        out = cj.propagate(params, spec, g, bounded)
+        tops = [out[f"act{l}"][k] for l in range(L - 1)]
+        assert [t.rank for t in tops] == factored_ranks(n, L, bounded)
+        assert all(len(t.blocks) <= m and sum(t.blocks) == t.rank for t in tops)
+        # one step from the bounded tower of act1
+        W = params["params"]["layer2"]["kernel"]
+        pre = linear_step(out["act1"], W, None, "exact", list(out["act1"]))
+        new_exact = FactoredStep(pre, "relu", exact).output()[k]
+        new_bounded = FactoredStep(pre, "relu", bounded).output()[k]
+        diff = np.asarray(new_exact.dense() - new_bounded.dense())
+        idx = np.indices((n,) * k)
+        distinct = np.all([idx[a] != idx[b] for a in range(k) for b in range(a + 1, k)], axis=0)
+        np.testing.assert_allclose(diff[~distinct], 0.0, atol=1e-12)
+        w = FactoredStep(pre, "relu", exact).wick(1, 1)
+        dropped = pre[k].scale_legs(w).dense()  # m = 1: every inherited block is dropped
+        np.testing.assert_allclose(diff[distinct], np.asarray(dropped)[distinct], rtol=1e-9, atol=1e-12)
+        assert np.abs(diff[distinct]).max() > 1e-6  # not vacuous
+
+
+def test_rank_layers_covering_every_layer_is_exact_and_scanned_equals_unrolled():
+    with jax.enable_x64(True):
+        n, L = 4, 6
+        spec, params = _random_net(2, n, L)
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float64), params)
+        g = cj.Gaussian.standard(n, jnp.float64)
+        for k in (3, 4):
+            exact = PropagationConfig(k_max=k, factored=True)
+            ref = cj.estimate_mean(params, spec, g, exact)
+            full = PropagationConfig(k_max=k, factored=True, rank_layers=L - 1)
+            np.testing.assert_array_equal(cj.estimate_mean(params, spec, g, full), ref)
+            bounded = PropagationConfig(k_max=k, factored=True, rank_layers=1)  # layers 2.. scanned
+            scanned = jax.jit(lambda p, c=bounded: cj.estimate_mean(p, spec, g, c))(params)
+            unrolled = cj.estimate_mean(params, spec, g, bounded, unroll=True)
+            np.testing.assert_allclose(scanned, unrolled, rtol=1e-12, atol=1e-14)
+            assert np.abs(np.asarray(scanned) - np.asarray(ref)).max() > 0  # a truncation, not the exact path
+    for bad in (0, -1, True, 1.5):
+        with pytest.raises(ValueError, match="rank_layers"):
+            PropagationConfig(k_max=3, factored=True, rank_layers=bad)

@@ -227,3 +227,43 @@ def test_config_init_draws_biases():
     assert len(biases) == 3 and all(b.shape == (2, 4) for b in biases)
     draws = np.concatenate([np.ravel(b) for b in biases])  # N(0.1, 0.1) draws: mean within 4.5 standard errors
     assert abs(float(np.mean(draws)) - 0.1) < 4.5 * np.sqrt(0.1 / draws.size) and np.std(draws) > 0
+
+
+def test_mse_vs_depth_smoke_and_resume(tmp_path, monkeypatch):
+    import mse_vs_depth as mvd
+
+    args = ["--config", CFG("mse_vs_depth_smoke"), "--out", str(tmp_path), "--no-progress"]
+    data = mvd.main(args)
+    cfg = json.load(open(CFG("mse_vs_depth_smoke")))
+    L = cfg["layers"]
+    names = {c.name for c in mvd.variants(cfg)}
+    assert {"k1_simple_avg", "k3_simple_fac", "k3_simple_fac_avg"} <= names and "k2_simple_avg" not in names
+    est = json.load(open(tmp_path / "mse_vs_depth_smoke_estimates.json"))["entries"]
+    for w in cfg["widths"]:
+        spec = mvf.make_spec(w, L, cfg["activation"], mvf.init_of(cfg))
+        params = mvf.networks(cfg, spec)
+        g = cj.Gaussian.standard(w, jax.numpy.float64)
+        for config in mvd.variants(cfg):
+            r = data["entries"][f"n{w}/{config.name}"]
+            if mvd.excluded(cfg, w, config.name):
+                assert r["status"] == "skipped"
+                continue
+            assert r["status"] == "ok" and [q["layer"] for q in r["layers"]] == list(range(L))
+            # the stored per-layer estimates are the full network's layer means, and the last layer
+            # is the plain output estimate with its FLOPs
+            e = np.asarray(est[f"n{w}/{config.name}"]["estimates"])
+            one = jax.tree_util.tree_map(lambda x: jax.numpy.asarray(x[1], jax.numpy.float64), params)
+            np.testing.assert_allclose(e[1, -1], cj.estimate_mean(one, spec, g, config), rtol=1e-10, atol=1e-12)
+            fl = est[f"n{w}/{config.name}"]["layer_flops"]
+            assert fl[-1] == cj.estimator_flops(one, spec, g, config) and np.all(np.diff(fl) > 0)
+            first = r["layers"][0]  # pre0 = x W_0 is Gaussian: every estimator is exact there
+            assert not first["resolved"] and first["ratio_lower"] > 1
+            for q in r["layers"]:
+                sub = mvd.truncated(spec, q["layer"] + 1)
+                assert sub.num_layers == q["layer"] + 1 and q["flops"] == fl[q["layer"]]
+                assert q["forward_flops"] == cj.forward_flops(sub)
+    assert (tmp_path / "mse_vs_depth_smoke.png").stat().st_size > 0
+    with monkeypatch.context() as m:
+        _no_recompute(m)
+        again = mvd.main(args)
+    assert json.dumps(again["entries"]) == json.dumps(data["entries"])

@@ -1,0 +1,284 @@
+"""MSE of every layer's estimated mean vs depth, beside Monte Carlo at equal FLOPs.
+
+The paper's depth sweep: for every width, ``networks`` He-initialised MLPs of ``layers`` linear
+layers (N(0, I) input), one all-layer Monte Carlo ground truth per network (cached, resumable), and
+every estimator variant read at every layer ``pre{l}``. Per variant and layer: MSE per coordinate
+with the ground truth's noise floor subtracted (an upper bound where not resolved), and the
+Monte-Carlo-FLOP-equivalence ratio against sampling the first ``l + 1`` layers, with the
+estimator's FLOPs counted on the same truncated network. Per variant: a fit of log MSE against
+log(layer + 1) over the resolved layers, and the first layer at which sampling wins at equal FLOPs
+(the ratio falls below 1) -- the headline.
+
+    python experiments/mse_vs_depth.py --config configs/mse_vs_depth_smoke.json --out results/
+
+Writes ``<out>/mse_vs_depth_<name>.json`` after every ground truth and variant (a rerun resumes;
+estimates in ``<out>/mse_vs_depth_<name>_estimates.json``, ground truths in ``<out>/gt_cache``)
+and ``<out>/mse_vs_depth_<name>.png`` (MSE vs layer and ratio vs layer, one column per width).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+
+import jax
+import jax.numpy as jnp
+import mse_vs_flops as mvf  # networks, variants, estimator runs
+import numpy as np
+from common import ResultStore, compare_to_truth, enable_x64, fit_power_law, load_config, save_figure_atomic, timed
+
+import cumjax as cj
+from cumjax import diagrams as dg
+from cumjax import groundtruth as gt
+
+REQUIRED = ("widths", "layers", "activation", "networks", "gt_samples", "orders", "kinds")
+
+
+def check_config(cfg: dict) -> None:
+    missing = [k for k in REQUIRED if k not in cfg]
+    if missing:
+        raise ValueError(f"config {cfg.get('name')!r} lacks {missing}")
+    widths = cfg["widths"]
+    if not widths or any(not isinstance(w, int) or w < 1 for w in widths) or len(set(widths)) != len(widths):
+        raise ValueError(f"widths must be distinct positive ints, got {widths!r}")
+    if not isinstance(cfg["layers"], int) or cfg["layers"] < 2:
+        raise ValueError(f"layers must be an int >= 2, got {cfg['layers']!r}")
+    for pattern in cfg.get("exclude", {}).values():
+        re.compile(pattern)
+    mvf.check_config(dict(cfg, width=max(widths), activations=[cfg["activation"]]), mvf.REQUIRED)
+
+
+def variants(cfg) -> list[cj.PropagationConfig]:
+    """k_max 1, 2 dense; k_max 3, 4 factored (dense too with ``dense_high``; bounded-rank too for
+    each ``rank_layers`` m); each also with the average metric where it changes anything
+    (``avg_metric``: a radial degree is tracked)."""
+    out = []
+    for k in cfg["orders"]:
+        for kind in cfg["kinds"]:
+            fac = k >= 3 and cfg.get("factored", True)
+            base = [cj.PropagationConfig(k_max=k, kind=kind, factored=fac, output_degree=1)]
+            if fac and cfg.get("dense_high", False):
+                base.insert(0, cj.PropagationConfig(k_max=k, kind=kind, output_degree=1))
+            if fac:  # the bounded-rank mode: only the last m layers' rank blocks
+                base += [dataclasses.replace(base[-1], rank_layers=m) for m in cfg.get("rank_layers", [])]
+            radial = any(r > 0 for r in dg.tracked_degrees(k, kind).values())
+            for c in base:
+                out.append(c)
+                if cfg.get("avg_metric", False) and radial:
+                    out.append(dataclasses.replace(c, avg_metric=True))
+    return out
+
+
+def truncated(spec: cj.MLPSpec, depth: int) -> cj.MLPSpec:
+    """The first ``depth`` linear layers as a network of their own (output ``pre{depth-1}``);
+    their params are the first ``depth`` entries of the full network's."""
+    return dataclasses.replace(spec, num_layers=depth, output_dim=spec.width, activations=spec.activations[: depth - 1])
+
+
+def layer_means(p, spec: cj.MLPSpec, g: cj.Gaussian, config: cj.PropagationConfig):
+    """``(L, n)``: the estimated mean of every ``pre{l}``."""
+    res = cj.propagate(p, spec, g, dataclasses.replace(config, output_degree=1))
+    return jnp.stack([res.mean(f"pre{l}") for l in range(spec.num_layers)])
+
+
+def layer_flops(cfg, spec, params, config) -> list[float]:
+    """Analytic FLOPs of the estimate of each ``pre{l}``: the estimator run on the first ``l + 1``
+    layers (network 0 of ``params``)."""
+    one = jax.tree_util.tree_map(lambda x: jnp.asarray(x[0], mvf.DTYPES[mvf.estimator_dtype(cfg, config)]), params)
+    g = cj.Gaussian.standard(spec.input_dim, jax.tree_util.tree_leaves(one)[0].dtype)
+    first = lambda d: {"params": {f"layer{l}": one["params"][f"layer{l}"] for l in range(d)}}  # noqa: E731
+    return [cj.estimator_flops(first(d), truncated(spec, d), g, config) for d in range(1, spec.num_layers + 1)]
+
+
+def truth_for(cfg, spec, params, cache_dir, progress=True):
+    """All-layer ground truth: ``(mean, sem)`` of shape (B, L, n), the sample count, seconds."""
+    res, secs = timed(
+        lambda: gt.ground_truth(
+            params,
+            spec,
+            cj.Gaussian.standard(spec.input_dim, jnp.float32),
+            int(float(cfg["gt_samples"])),
+            int(cfg.get("gt_seed", 0)),
+            cache_dir=cache_dir,
+            chunk_size=cfg.get("gt_chunk"),
+            block_chunks=int(cfg.get("gt_block_chunks", 16)),
+            all_layers=True,
+            progress=progress,
+        )
+    )
+    pick = lambda d: np.stack([np.asarray(d[f"pre{l}"]) for l in range(spec.num_layers)], axis=1)  # noqa: E731
+    return pick(res.mean), pick(res.sem), res.num_samples, secs
+
+
+def excluded(cfg, width: int, name: str) -> str | None:
+    """The config's reason to skip this variant at this width (``exclude``: width -> regex)."""
+    pattern = cfg.get("exclude", {}).get(str(width))
+    if pattern and re.search(pattern, name):
+        return f"excluded at width {width} by the config (exclude {pattern!r})"
+    return None
+
+
+def score(cfg, spec, est, truth, fl) -> list[dict]:
+    """Per layer: :func:`compare_to_truth` against sampling the first ``l + 1`` layers."""
+    mean, sem, n, _ = truth
+    rows = []
+    for l in range(spec.num_layers):
+        fwd = cj.forward_flops(truncated(spec, l + 1))
+        rows.append(dict(layer=l, **compare_to_truth(est[:, l], mean[:, l], sem[:, l], n, fl[l], fwd)))
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Fit of log MSE vs log(layer + 1) over resolved layers; the first layer sampling wins."""
+    res = [r for r in rows if r["resolved"]]
+    fit = fit_power_law([r["layer"] + 1 for r in res], [r["excess"] for r in res])
+    loses = [r["layer"] for r in rows if r["resolved"] and r["ratio_high"] < 1]
+    return dict(
+        fit=dict(fit, layers=[r["layer"] for r in res]),
+        first_layer_sampling_wins=loses[0] if loses else None,
+        deepest_resolved=res[-1]["layer"] if res else None,
+    )
+
+
+def run(cfg, args) -> dict:
+    name = f"mse_vs_depth_{cfg['name']}"
+    store = ResultStore(os.path.join(args.out, f"{name}.json"), meta=cfg)
+    est_store = mvf.estimates_store(os.path.join(args.out, f"{name}_estimates.json"), cfg)
+    cache = os.path.join(args.out, "gt_cache")
+    print(f"device: {jax.devices()[0]}  config: {cfg['name']}")
+    for w in cfg["widths"]:
+        spec = mvf.make_spec(w, int(cfg["layers"]), cfg["activation"], mvf.init_of(cfg))
+        params = mvf.networks(cfg, spec)
+        truth = truth_for(cfg, spec, params, cache, progress=not args.no_progress)
+        floors = np.mean(truth[1].astype(np.float64) ** 2, axis=(0, 2))
+        if store.entries.get(f"n{w}/truth", {}).get("num_samples") != truth[2]:
+            store.put(f"n{w}/truth", dict(num_samples=truth[2], seconds=truth[3], noise_floor=floors.tolist()))
+        print(
+            f"\nwidth {w}: ground truth {truth[2]:.3g} samples x {cfg['networks']} networks, noise floor "
+            f"{floors[0]:.2e} (pre0) .. {floors[-1]:.2e} (pre{spec.num_layers - 1})"
+        )
+        for config in variants(cfg):
+            key = f"n{w}/{config.name}"
+            old = store.entries.get(key)
+            if old is not None and old.get("status") == "ok" and not (args.redo and re.search(args.redo, key)):
+                print_row(old)
+                continue
+            reason = excluded(cfg, w, config.name)
+            if reason:
+                store.put(key, dict(estimator=config.name, width=w, status="skipped", reason=reason))
+                print_row(store[key])
+                continue
+            r = est_store.entries.get(key)
+            if r is None or r.get("status") != "ok" or (args.redo and re.search(args.redo, key)):
+                r = mvf.run_variant(cfg, spec, params, config, (est_store, f"{key}#partial"), estimate=layer_means)
+                if r["status"] == "ok":
+                    r = dict(r, estimates=r["estimates"].tolist(), layer_flops=layer_flops(cfg, spec, params, config))
+                est_store.put(key, r)
+            if r["status"] != "ok":
+                store.put(key, dict(estimator=config.name, width=w, **r))
+            else:
+                rows = score(cfg, spec, np.asarray(r["estimates"]), truth, r["layer_flops"])
+                store.put(
+                    key,
+                    dict(
+                        estimator=config.name,
+                        width=w,
+                        status="ok",
+                        run_s=r["run_s"],
+                        compile_s=r["compile_s"],
+                        layers=rows,
+                        **summarize(rows),
+                    ),
+                )
+            print_row(store[key])
+    plot(store, cfg, os.path.join(args.out, f"{name}.png"))
+    print(f"\nwrote {store.path} and {name}.png")
+    return store.data
+
+
+def print_row(r: dict) -> None:
+    head = f"  {r['estimator']:<24}"
+    if r.get("status") != "ok":
+        print(head + f"{r['status']}: {r['reason'][:100]}", flush=True)
+        return
+    cells = []
+    for q in r["layers"]:
+        cells.append(f"{q['excess']:.1e}" if q["resolved"] else f"<{q['mse_upper']:.0e}")
+    f, lose = r["fit"], r["first_layer_sampling_wins"]
+    print(head + " ".join(cells), flush=True)
+    print(
+        " " * 26 + f"slope vs layer+1 {f['slope']:.2f} +- {f['stderr']:.2f}; sampling wins from layer "
+        f"{lose if lose is not None else '-'}; ratio per layer: "
+        + " ".join(f"{q['ratio']:.2g}" if q["resolved"] else f">{q['ratio_lower']:.2g}" for q in r["layers"]),
+        flush=True,
+    )
+
+
+def plot(store: ResultStore, cfg: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    widths = cfg["widths"]
+    fig, axes = plt.subplots(2, len(widths), figsize=(5.5 * len(widths), 8.5), squeeze=False)
+    for col, w in enumerate(widths):
+        top, bottom = axes[0][col], axes[1][col]
+        floors = store.entries.get(f"n{w}/truth", {}).get("noise_floor")
+        if floors:
+            top.plot(range(len(floors)), floors, "k:", label="ground-truth noise floor")
+        for i, config in enumerate(variants(cfg)):
+            r = store.entries.get(f"n{w}/{config.name}")
+            if not r or r.get("status") != "ok":
+                continue
+            c, ls = f"C{i % 10}", "--" if config.avg_metric else "-"
+            res = [q for q in r["layers"] if q["resolved"]]
+            up = [q for q in r["layers"] if not q["resolved"]]
+            top.errorbar(
+                [q["layer"] for q in res],
+                [q["excess"] for q in res],
+                yerr=[q["excess_se"] for q in res],
+                fmt="o" + ls,
+                color=c,
+                capsize=2,
+                ms=3,
+                label=config.name,
+            )
+            top.plot([q["layer"] for q in up], [q["mse_upper"] for q in up], "v", color=c, ms=4, alpha=0.6)
+            bottom.plot(
+                [q["layer"] for q in res], [q["ratio"] for q in res], "o" + ls, color=c, ms=3, label=config.name
+            )
+            bottom.plot([q["layer"] for q in up], [q["ratio_lower"] for q in up], "^", color=c, ms=4, alpha=0.6)
+        top.set_yscale("log")
+        top.set_title(f"width {w}: MSE of E[pre_l] (v: upper bounds)")
+        top.set_xlabel("layer l")
+        bottom.set_yscale("log")
+        bottom.axhline(1.0, color="k", lw=0.8)
+        bottom.set_title("MC FLOPs to match / estimator FLOPs (^: lower bounds)")
+        bottom.set_xlabel("layer l")
+        for ax in (top, bottom):
+            ax.grid(True, which="both", alpha=0.3)
+        top.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    save_figure_atomic(fig, path, dpi=100)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "mse_vs_depth_smoke.json")
+    )
+    p.add_argument("--out", default="results")
+    p.add_argument("--redo", default=None, help="regex: recompute the variants whose key (n<width>/<name>) matches")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    check_config(cfg)
+    enable_x64()  # float64 accumulation; arrays carry explicit dtypes
+    return run(cfg, args)
+
+
+if __name__ == "__main__":
+    main()
