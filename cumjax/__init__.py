@@ -21,6 +21,7 @@ from .activations import (
     get_activation,
     register_activation,
 )
+from .advice import Advice, advise
 from .config import PropagationConfig
 from .cumulants import Cumulants
 from .diagrams import KINDS
@@ -93,6 +94,9 @@ __all__ = [
     "compiled_cost",
     "FlopCount",
     "compare_to_truth",
+    # which estimator to use
+    "advise",
+    "Advice",
     # topic submodules
     "audit",
     "flopcount",

@@ -13,6 +13,8 @@ import numpy as np
 
 from ._io import write_json_atomic
 from .activations import ACTIVATIONS
+from .advice import measured_table
+from .advice import advise as _advise
 from .config import PropagationConfig
 from .flops import estimator_flops, forward_flops
 from .gaussian import Gaussian
@@ -211,7 +213,24 @@ def _parser():
     c.add_argument("--seed", type=int, default=0)
     c.add_argument("--x64", action="store_true", help="compute in float64 (the same network, drawn in float32)")
     c.add_argument("--json", default=None, help="also write the results to this JSON file")
+    a = sub.add_parser("advise", help="which estimator gives the lowest error for a width, depth and FLOP budget")
+    a.add_argument("--width", type=int, required=True)
+    a.add_argument("--depth", type=int, required=True, help="number of linear layers")
+    a.add_argument("--flops", type=float, required=True, help="FLOP budget for one estimate of the output mean")
     return p
+
+
+def advise(args) -> None:
+    """Print every affordable option for ``args`` (width, depth, flops), best first."""
+    adv = _advise(args.width, args.depth, args.flops)
+    _say(f"He ReLU, width {adv.width}, {adv.depth} linear layers, budget {adv.flop_budget:.3g} FLOPs")
+    _say(f"measured curves: {measured_table()['source']}")
+    _say(f"{'option':<24}{'predicted MSE':>16}{'FLOPs':>12}")
+    for o in adv.options:
+        note = " (upper bound)" if o.bound else ""
+        note += " (width extrapolated)" if o.extrapolated else ""
+        _say(f"{o.name:<24}{('<' if o.bound else '') + format(o.mse, '.2e'):>16}{o.flops:>12.3g}{note}")
+    _say(f"best: {adv.best.name}")
 
 
 def main(argv=None) -> int:
@@ -221,6 +240,9 @@ def main(argv=None) -> int:
     try:
         # Monte Carlo accumulates in float64 under x64; the computation stays in float32 unless --x64
         # (every array is created in an explicit dtype). Scoped: the caller's setting is untouched.
+        if args.command == "advise":
+            advise(args)
+            return 0
         with jax.enable_x64(True):
             result = compare(args)
     except (TypeError, ValueError, MemoryError) as e:

@@ -52,8 +52,8 @@ def check_config(cfg: dict) -> None:
 
 def variants(cfg) -> list[cj.PropagationConfig]:
     """k_max 1, 2 dense; k_max 3, 4 factored (dense too with ``dense_high``; bounded-rank too for
-    each ``rank_layers`` m); each also with the average metric where it changes anything
-    (``avg_metric``: a radial degree is tracked)."""
+    each ``rank_layers`` m); each also with the average metric where it changes anything (a radial
+    degree is tracked): ``avg_metric`` true, or a list of the orders to run it for."""
     out = []
     for k in cfg["orders"]:
         for kind in cfg["kinds"]:
@@ -66,7 +66,8 @@ def variants(cfg) -> list[cj.PropagationConfig]:
             radial = any(r > 0 for r in dg.tracked_degrees(k, kind).values())
             for c in base:
                 out.append(c)
-                if cfg.get("avg_metric", False) and radial:
+                avg = cfg.get("avg_metric", False)  # true, or the orders to run it for
+                if radial and (avg is True or (isinstance(avg, list) and k in avg)):
                     out.append(dataclasses.replace(c, avg_metric=True))
     return out
 

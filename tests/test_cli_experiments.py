@@ -165,3 +165,20 @@ def test_compare_with_critical_init_and_biases(capsys):
         == 0
     )
     assert "critical" in capsys.readouterr().out
+
+
+def test_bench_depth_smoke_and_resume(tmp_path, monkeypatch):
+    import bench_depth
+
+    args = ["--config", os.path.join(ROOT, "configs", "bench_depth_smoke.json"), "--out", str(tmp_path)]
+    data = bench_depth.main(args)
+    cfg = json.load(open(os.path.join(ROOT, "configs", "bench_depth_smoke.json")))
+    names = [c.name for c in bench_depth.variants(cfg)]
+    assert names == ["k3_simple_fac", "k3_simple_fac1"]
+    for name in names:
+        rows = [data["entries"][f"{name}/L{L}"] for L in cfg["depths"]]
+        assert rows[0]["ratio_to_shallowest"] == 1.0
+        for L, r in zip(cfg["depths"], rows):
+            assert r["per_layer_s"] == pytest.approx(r["run_s"] / (L - 1)) and r["compile_s"] > 0
+    monkeypatch.setattr(bench_depth, "time_compiled", lambda *a, **k: pytest.fail("recomputed a stored time"))
+    assert bench_depth.main(args)["entries"] == data["entries"]
