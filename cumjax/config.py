@@ -26,10 +26,11 @@ class PropagationConfig:
         and memory drop by a factor of width. Ignored for k_max <= 2.
     output_degree: highest degree passed through the output layer (None: all tracked).
     rank_layers: factored only: keep in the low-rank top cumulant just the rank blocks created by
-        the last ``rank_layers`` hidden layers, dropping older ones (their contribution is damped
-        by every nonlinearity since, by about E[phi'(Z)]^k w_var^(k/2) per layer: 0.35 for ReLU,
-        k = 3). The rank then stops growing after ``rank_layers`` layers and so does the cost per
-        layer. None (default): keep everything (exact; the goldens).
+        the last ``rank_layers`` hidden layers, dropping the all-distinct part of older ones (each
+        nonlinearity damps them by about (E[phi'(Z)] sqrt(w_var))^k). The rank then stops growing
+        after ``rank_layers`` layers and so does the cost per layer; an approximation whose error
+        the README measures (m <= 3 is not within 10% of exact at depth 8). None (default): keep
+        everything (exact; the goldens).
     """
 
     k_max: int = 2

@@ -168,6 +168,32 @@ def level_name(cfg) -> str:
     return "sigma" if "sigmas" in cfg else "threshold"
 
 
+def per_decade(est, truth, truth_se, max_truth_rel_se: float = 0.3) -> list[dict]:
+    """Median relative error over the (threshold, neuron) pairs whose true probability lies in each
+    decade [10^-(j+1), 10^-j): with absolute thresholds one threshold spans many decades across
+    neurons, so per-threshold medians mix them. Only pairs whose ground truth has a relative
+    standard error under ``max_truth_rel_se`` count."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel_se = truth_se / truth
+        ok = (truth > 0) & np.isfinite(rel_se) & (rel_se < max_truth_rel_se)
+        rel = np.abs(est - truth) / truth
+    out = []
+    for j in range(1, 13):
+        lo, hi = 10.0 ** -(j + 1), 10.0**-j
+        sel = ok & (truth >= lo) & (truth < hi)
+        if sel.sum() >= 3:
+            out.append(
+                dict(
+                    p_low=lo,
+                    p_high=hi,
+                    pairs=int(sel.sum()),
+                    rel_err_median=float(np.median(rel[sel])),
+                    signed_rel_err_median=float(np.median(((est - truth) / truth)[sel])),
+                )
+            )
+    return out
+
+
 def summarise(cfg, store, levels, truth_idx, val, per_sample) -> dict:
     truth = np.array([store[f"truth_n{int(i)}"]["p"] for i in truth_idx]).T  # (T, m)
     truth_se = np.array([store[f"truth_n{int(i)}"]["sem"] for i in truth_idx]).T
@@ -213,6 +239,7 @@ def summarise(cfg, store, levels, truth_idx, val, per_sample) -> dict:
             )
         useful = [row for row in per_sigma if row["rel_err_median"] < 0.3]
         within2 = [row for row in per_sigma if row["rel_err_median"] < 0.5]
+        decades = per_decade(est, truth, truth_se)
         rows.append(
             dict(
                 estimator=name,
@@ -225,9 +252,15 @@ def summarise(cfg, store, levels, truth_idx, val, per_sample) -> dict:
                 smallest_p_under_30pct=min((u["p_median"] for u in useful), default=None),
                 smallest_p_under_50pct=min((u["p_median"] for u in within2), default=None),
                 per_sigma=per_sigma,
+                per_decade=decades,
+                smallest_decade_under_30pct=min(
+                    (d["p_low"] for d in decades if d["rel_err_median"] < 0.3), default=None
+                ),
             )
         )
     for row in rows:
+        s = row["smallest_decade_under_30pct"]
+        row["resolution_gain_decades"] = None if s is None else row["mc_resolvable_p"] / s
         s = row["smallest_p_under_30pct"]
         row["resolution_gain"] = None if s is None else row["mc_resolvable_p"] / s  # >1: beyond sampling's reach
         s2 = row["smallest_p_under_50pct"]
@@ -288,6 +321,13 @@ def print_table(results) -> None:
             f"\n{row['estimator']}: {row['flops']:.3g} FLOPs -> Monte Carlo {row['mc_samples']} samples "
             f"(resolves p ~ {row['mc_resolvable_p']:.2g}); smallest p with median rel. err < 30%: "
             f"{row['smallest_p_under_30pct']}, < 50%: {row['smallest_p_under_50pct']}"
+        )
+        print(
+            "  by decade of the true p: "
+            + ", ".join(
+                f"[{d['p_low']:.0e}, {d['p_high']:.0e}) {d['rel_err_median']:.2f} ({d['pairs']})"
+                for d in row["per_decade"]
+            )
         )
         print(f"{'level':>6}{'p':>10}{'rel err':>9}{'signed':>9}{'MC expected':>13}{'MC realised':>13}{'MC zero':>9}")
         for r in row["per_sigma"]:

@@ -187,3 +187,16 @@ def test_rare_events_smoke_end_to_end_and_resume(tmp_path, monkeypatch):
     again = rare_events.main(["--config", cfg, "--out", str(tmp_path)])
     assert again["entries"].keys() == first["entries"].keys()
     assert again["summary"] == first["summary"]
+
+
+def test_per_decade_groups_pairs_by_true_probability():
+    import rare_events
+
+    truth = np.array([[2e-3, 3e-3, 5e-3, 2e-5], [4e-5, 6e-5, 8e-5, 0.0]])
+    est = truth * np.array([[1.1, 1.1, 1.1, 0.5], [0.5, 0.5, 0.5, 1.0]])
+    se = 0.1 * truth
+    se[0, 2] = 0.5 * truth[0, 2]  # an unreliable ground truth is left out
+    rows = {r["p_low"]: r for r in rare_events.per_decade(est, truth, se)}
+    assert set(rows) == {1e-5}  # [1e-3, 1e-2) keeps only 2 reliable pairs (< 3); p = 0 never counts
+    assert rows[1e-5]["pairs"] == 4 and rows[1e-5]["rel_err_median"] == pytest.approx(0.5)
+    assert rows[1e-5]["signed_rel_err_median"] == pytest.approx(-0.5)
