@@ -13,8 +13,8 @@ import numpy as np
 
 from ._io import write_json_atomic
 from .activations import ACTIVATIONS
-from .advice import measured_table
 from .advice import advise as _advise
+from .advice import measured_table
 from .config import PropagationConfig
 from .flops import estimator_flops, forward_flops
 from .gaussian import Gaussian
