@@ -54,19 +54,22 @@ def measured_table() -> dict:
         return json.load(f)
 
 
-def _interp(widths: list[int], values: list[float], width: float) -> tuple[float, bool]:
+def _interp(widths: list[int], values: list[float], width: float) -> tuple[float, bool, tuple[int, ...]]:
     """log-log interpolation of ``values`` over ``widths`` at ``width`` (extrapolated along the
-    nearest two points outside them); ``(value, extrapolated)``."""
+    nearest two points outside them); ``(value, extrapolated, the widths it used)``."""
     pts = sorted((w, v) for w, v in zip(widths, values) if v is not None and v > 0)
     if not pts:
-        return math.nan, True
-    if len(pts) == 1:
-        return pts[0][1], width != pts[0][0]
+        return math.nan, True, ()
+    exact = [v for w, v in pts if w == width]
+    if exact:
+        return exact[0], False, (width,)
+    if len(pts) == 1:  # one measured width: no trend to follow
+        return math.nan, True, ()
     outside = not pts[0][0] <= width <= pts[-1][0]
     i = max(1, min(len(pts) - 1, next((j for j, (w, _) in enumerate(pts) if w >= width), len(pts) - 1)))
     (w0, v0), (w1, v1) = pts[i - 1], pts[i]
     t = (math.log(width) - math.log(w0)) / (math.log(w1) - math.log(w0))
-    return math.exp(math.log(v0) + t * (math.log(v1) - math.log(v0))), outside
+    return math.exp(math.log(v0) + t * (math.log(v1) - math.log(v0))), outside, (w0, w1)
 
 
 def advise(width: int, depth: int, flop_budget: float, table: dict | None = None) -> Advice:
@@ -83,18 +86,18 @@ def advise(width: int, depth: int, flop_budget: float, table: dict | None = None
         raise ValueError(f"flop_budget must be a positive number, got {flop_budget!r}")
     l = depth - 1
     ws = [int(w) for w in table["variance"]]
-    variance, _ = _interp(ws, [table["variance"][str(w)][l] for w in ws], width)
+    variance = _interp(ws, [table["variance"][str(w)][l] for w in ws], width)[0]
     forward = forward_flops(MLPSpec(width, width, width, depth, "relu"))
     if flop_budget < forward:
         raise ValueError(f"a budget of {flop_budget:.3g} FLOPs buys no forward pass ({forward:.3g} FLOPs)")
     options = [Option(MONTE_CARLO, variance * forward / flop_budget, flop_budget, False, False)]
     for name, per_width in table["variants"].items():
         ws = [int(w) for w in per_width]
-        mse, out1 = _interp(ws, [per_width[str(w)]["mse"][l] for w in ws], width)
-        flops, out2 = _interp(ws, [per_width[str(w)]["flops"][l] for w in ws], width)
+        mse, out1, used = _interp(ws, [per_width[str(w)]["mse"][l] for w in ws], width)
+        flops, out2, _ = _interp(ws, [per_width[str(w)]["flops"][l] for w in ws], width)
         if not (math.isfinite(mse) and flops <= flop_budget):
             continue
-        bound = any(per_width[str(w)]["bound"][l] for w in ws)
+        bound = any(per_width[str(w)]["bound"][l] for w in used)
         options.append(Option(name, mse, flops, bound, out1 or out2))
-    options.sort(key=lambda o: o.mse)
+    options.sort(key=lambda o: (o.mse, o.flops))  # equal (bounded) errors: the cheaper first
     return Advice(width, depth, float(flop_budget), options[0], tuple(options))

@@ -53,8 +53,13 @@ def test_budget_rules_and_bounds():
     a = cj.advise(256, 3, k1 * 1.01, t)
     assert {o.name for o in a.options} == {"monte_carlo", "k1_simple"}  # k2 does not fit the budget
     b = copy.deepcopy(t)
-    b["variants"]["k1_simple"]["64"]["bound"][2] = True
-    assert {o.name: o for o in cj.advise(256, 3, k1 * 1.01, b).options}["k1_simple"].bound
+    b["variants"]["k1_simple"]["64"]["bound"][2] = True  # an upper bound at width 64 only
+    flagged = lambda w: {o.name: o for o in cj.advise(w, 3, 1e12, b).options}["k1_simple"].bound  # noqa: E731
+    assert flagged(64) and flagged(128) and not flagged(256)  # 128 interpolates from 64; 256 is measured
+    one = copy.deepcopy(t)
+    del one["variants"]["k2_simple"]["256"]  # measured at one width: no trend, used only there
+    assert "k2_simple" not in {o.name for o in cj.advise(128, 3, 1e12, one).options}
+    assert "k2_simple" in {o.name for o in cj.advise(64, 3, 1e12, one).options}
     huge = cj.advise(256, 3, 1e30, t)
     assert huge.best.name == "monte_carlo"  # enough samples beat any biased estimator
     with pytest.raises(ValueError, match="depth"):
