@@ -176,7 +176,8 @@ def per_decade(est, truth, truth_se, max_truth_rel_se: float = 0.3) -> list[dict
     with np.errstate(divide="ignore", invalid="ignore"):
         rel_se = truth_se / truth
         ok = (truth > 0) & np.isfinite(rel_se) & (rel_se < max_truth_rel_se)
-        rel = np.abs(est - truth) / truth
+        signed = (est - truth) / truth
+    rel = np.abs(signed)
     out = []
     for j in range(1, 13):
         lo, hi = 10.0 ** -(j + 1), 10.0**-j
@@ -188,7 +189,7 @@ def per_decade(est, truth, truth_se, max_truth_rel_se: float = 0.3) -> list[dict
                     p_high=hi,
                     pairs=int(sel.sum()),
                     rel_err_median=float(np.median(rel[sel])),
-                    signed_rel_err_median=float(np.median(((est - truth) / truth)[sel])),
+                    signed_rel_err_median=float(np.median(signed[sel])),
                 )
             )
     return out
