@@ -6,7 +6,8 @@ ReLU networks on N(0, I), the mean of ``pre{depth-1}``), the measured MSE per co
 upper bound where the ground truth could not resolve it), the estimator's FLOPs on a network of
 that depth, and the layer's variance (Monte Carlo's MSE is ``variance / samples``). Between
 measured widths MSE and FLOPs are interpolated log-log; outside them extrapolated along the
-nearest two widths (and flagged); a variant measured at one width only is offered only there. ``experiments/advice_table.py`` rebuilds the file from a run.
+nearest two widths (and flagged); a variant measured at one width only is offered only there.
+``experiments/advice_table.py`` rebuilds the file from a run.
 """
 
 from __future__ import annotations
