@@ -25,29 +25,22 @@ import re
 
 import jax
 import jax.numpy as jnp
-import mse_vs_flops as mvf  # networks, variants, estimator runs
+import mse_vs_flops as mvf  # networks, ground truths, estimator runs
+import mse_vs_width as mvw  # config checks
 import numpy as np
-from common import ResultStore, compare_to_truth, enable_x64, fit_power_law, load_config, save_figure_atomic, timed
+from common import ResultStore, compare_to_truth, enable_x64, fit_power_law, load_config, save_figure_atomic
 
 import cumjax as cj
 from cumjax import diagrams as dg
-from cumjax import groundtruth as gt
-
-REQUIRED = ("widths", "layers", "activation", "networks", "gt_samples", "orders", "kinds")
 
 
 def check_config(cfg: dict) -> None:
-    missing = [k for k in REQUIRED if k not in cfg]
-    if missing:
-        raise ValueError(f"config {cfg.get('name')!r} lacks {missing}")
-    widths = cfg["widths"]
-    if not widths or any(not isinstance(w, int) or w < 1 for w in widths) or len(set(widths)) != len(widths):
-        raise ValueError(f"widths must be distinct positive ints, got {widths!r}")
+    """mse_vs_width's checks, and a depth of at least 2 and valid ``exclude`` patterns."""
+    mvw.check_config(cfg)
     if not isinstance(cfg["layers"], int) or cfg["layers"] < 2:
         raise ValueError(f"layers must be an int >= 2, got {cfg['layers']!r}")
     for pattern in cfg.get("exclude", {}).values():
         re.compile(pattern)
-    mvf.check_config(dict(cfg, width=max(widths), activations=[cfg["activation"]]), mvf.REQUIRED)
 
 
 def variants(cfg) -> list[cj.PropagationConfig]:
@@ -93,26 +86,6 @@ def layer_flops(cfg, spec, params, config) -> list[float]:
     return [cj.estimator_flops(first(d), truncated(spec, d), g, config) for d in range(1, spec.num_layers + 1)]
 
 
-def truth_for(cfg, spec, params, cache_dir, progress=True):
-    """All-layer ground truth: ``(mean, sem)`` of shape (B, L, n), the sample count, seconds."""
-    res, secs = timed(
-        lambda: gt.ground_truth(
-            params,
-            spec,
-            cj.Gaussian.standard(spec.input_dim, jnp.float32),
-            int(float(cfg["gt_samples"])),
-            int(cfg.get("gt_seed", 0)),
-            cache_dir=cache_dir,
-            chunk_size=cfg.get("gt_chunk"),
-            block_chunks=int(cfg.get("gt_block_chunks", 16)),
-            all_layers=True,
-            progress=progress,
-        )
-    )
-    pick = lambda d: np.stack([np.asarray(d[f"pre{l}"]) for l in range(spec.num_layers)], axis=1)  # noqa: E731
-    return pick(res.mean), pick(res.sem), res.num_samples, secs
-
-
 def excluded(cfg, width: int, name: str) -> str | None:
     """The config's reason to skip this variant at this width (``exclude``: width -> regex)."""
     pattern = cfg.get("exclude", {}).get(str(width))
@@ -152,7 +125,7 @@ def run(cfg, args) -> dict:
     for w in cfg["widths"]:
         spec = mvf.make_spec(w, int(cfg["layers"]), cfg["activation"], mvf.init_of(cfg))
         params = mvf.networks(cfg, spec)
-        truth = truth_for(cfg, spec, params, cache, progress=not args.no_progress)
+        truth = mvf.truth_for(cfg, spec, params, cache, not args.no_progress, layers=range(spec.num_layers))
         floors = np.mean(truth[1].astype(np.float64) ** 2, axis=(0, 2))
         if store.entries.get(f"n{w}/truth", {}).get("num_samples") != truth[2]:
             store.put(f"n{w}/truth", dict(num_samples=truth[2], seconds=truth[3], noise_floor=floors.tolist()))

@@ -99,10 +99,12 @@ def networks(cfg, spec: cj.MLPSpec):
     return stacked_networks(int(cfg.get("seed", 0)), int(cfg["networks"]), spec, jnp.float32)
 
 
-def truth_for(cfg, spec, params, cache_dir, progress=True, max_blocks=None):
+def truth_for(cfg, spec, params, cache_dir, progress=True, max_blocks=None, layers=None):
     """The cached ground truth of the output (mean, sem (B, n)), the sample count and seconds.
     max_blocks: sample at most that many more blocks, and use the samples done so far (a partial
-    ground truth, with its larger noise floor) if that does not finish it; None if none are done."""
+    ground truth, with its larger noise floor) if that does not finish it; None if none are done.
+    layers: read ``pre{l}`` for each of these layers instead: mean, sem of shape (B, len(layers), n)
+    (every layer is sampled either way, so both read the same cached ground truth)."""
     res, secs = timed(
         lambda: gt.ground_truth(
             params,
@@ -115,13 +117,17 @@ def truth_for(cfg, spec, params, cache_dir, progress=True, max_blocks=None):
             block_chunks=int(cfg.get("gt_block_chunks", 16)),
             max_blocks=max_blocks,
             partial=max_blocks is not None,
+            all_layers=layers is not None,
             progress=progress,
         )
     )
     if res is None:
         return None
-    label = spec.labels[-1]
-    return np.asarray(res.mean[label]), np.asarray(res.sem[label]), res.num_samples, secs
+    if layers is None:
+        label = spec.labels[-1]
+        return np.asarray(res.mean[label]), np.asarray(res.sem[label]), res.num_samples, secs
+    pick = lambda d: np.stack([np.asarray(d[f"pre{l}"]) for l in layers], axis=1)  # noqa: E731
+    return pick(res.mean), pick(res.sem), res.num_samples, secs
 
 
 def estimator_dtype(cfg, config: cj.PropagationConfig) -> str:
