@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
+
 from . import diagrams as dg
 
 
@@ -31,6 +33,11 @@ class PropagationConfig:
         after ``rank_layers`` layers and so does the cost per layer; an approximation whose error
         the README measures (m <= 3 is not within 10% of exact at depth 8). None (default): keep
         everything (exact; the goldens).
+    mesh: factored only: a ``jax.sharding.Mesh`` whose devices (all its axes) split the rank
+        axis of the low-rank top cumulant: the contractions summing over ranks run on each
+        device's share and are summed over devices, the per-rank linear maps run in place; the
+        dense slices are computed on every device. The width must be a multiple of the mesh size.
+        None (default): one device.
     """
 
     k_max: int = 2
@@ -39,6 +46,7 @@ class PropagationConfig:
     factored: bool = False
     output_degree: int | None = None
     rank_layers: int | None = None
+    mesh: jax.sharding.Mesh | None = None
 
     def __post_init__(self):
         if not _is_int(self.k_max) or self.k_max not in (1, 2, 3, 4):
@@ -53,6 +61,11 @@ class PropagationConfig:
             raise ValueError(f"output_degree must be an int >= 1 or None, got {self.output_degree!r}")
         if self.rank_layers is not None and (not _is_int(self.rank_layers) or self.rank_layers < 1):
             raise ValueError(f"rank_layers must be an int >= 1 or None, got {self.rank_layers!r}")
+        if self.mesh is not None:
+            if not isinstance(self.mesh, jax.sharding.Mesh):
+                raise ValueError(f"mesh must be a jax.sharding.Mesh or None, got {self.mesh!r}")
+            if not self.is_factored:
+                raise ValueError("mesh splits the factored top cumulant's rank: needs factored=True and k_max 3 or 4")
 
     @property
     def is_factored(self) -> bool:

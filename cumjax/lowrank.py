@@ -13,6 +13,8 @@ estimator (ARC, arXiv 2605.05179, "factored" variant).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import itertools
 import math
 import string
@@ -33,10 +35,43 @@ _fresh = itertools.count(100)  # internal labels of networks (fresh per network 
 _fresh_rank = itertools.count(_RANK + 1)
 
 
+_rank_mesh: contextvars.ContextVar = contextvars.ContextVar("rank_mesh", default=None)
+
+
+@contextlib.contextmanager
+def rank_sharding(mesh: jax.sharding.Mesh | None):
+    """Trace the factored algebra with its rank axis split over all devices of ``mesh``: every
+    contraction summing over a rank index runs on each device's share of the ranks and is summed
+    over devices (``psum``), and the per-rank linear maps run on the shares in place. Static:
+    decided while tracing (``PropagationConfig.mesh`` sets it for one propagation)."""
+    token = _rank_mesh.set(mesh)
+    try:
+        yield
+    finally:
+        _rank_mesh.reset(token)
+
+
+def _sharded(f, factors, rank: int | None, out_rank_axis: int | None):
+    """``f(*arrays)`` with the axis labelled ``rank`` of every factor split over the active rank
+    mesh; the result is psum'd over devices (``out_rank_axis`` None) or stays split on that axis."""
+    mesh = _rank_mesh.get()
+    arrays = [a for a, _ in factors]
+    if mesh is None or rank is None:
+        return f(*arrays)
+    P, axes = jax.sharding.PartitionSpec, mesh.axis_names
+    specs = tuple(P(*(axes if l == rank else None for l in lab)) for _, lab in factors)
+    if out_rank_axis is None:
+        local, out = (lambda *a: jax.lax.psum(f(*a), axes)), P()
+    else:
+        local, out = f, P(*([None] * out_rank_axis + [axes]))
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)(*arrays)
+
+
 def _rank_chunk(R: int, n: int) -> int:
-    """Rank block summed per loop step: n (ranks are multiples of the width), or all of R.
-    Bounds every rank-sized temporary of a contraction at n^2 x block, whatever XLA schedules."""
-    return n if R > n and R % n == 0 else R
+    """Rank block summed per loop step: the largest divisor of R up to n (n itself when R is a
+    multiple of the width, as unsharded ranks are), or all of R when R <= n. Bounds every
+    rank-sized temporary of a contraction at n^2 x block, whatever XLA schedules."""
+    return R if R <= n else max(c for c in range(1, n + 1) if R % c == 0)
 
 
 def contract(
@@ -109,27 +144,31 @@ def _canonical(factors, kept) -> tuple[tuple, tuple[int, ...]]:
 
 
 def _summed_over_rank_blocks(expr: str, factors, n: int) -> Array:
-    """``einsum(expr)`` of the factors, looping over blocks of the largest summed rank index."""
+    """``einsum(expr)`` of the factors, looping over blocks of the largest summed rank index
+    (split over the devices of the active rank mesh, if any)."""
     sizes = {l: a.shape[lab.index(l)] for a, lab in factors for l in lab if l >= _RANK}
-    arrays = [a for a, _ in factors]
+    r = max(sizes, key=sizes.get) if sizes else None
+    labels = [lab for _, lab in factors]
     # Only (n, n, R) factors (k = 4) make n^2 R temporaries worth bounding; with (n, R) factors
     # alone (k = 3) one einsum over the whole rank takes the cheaper contraction order.
-    if not sizes or all(a.ndim < 3 for a, lab in factors if any(l >= _RANK for l in lab)):
-        return jnp.einsum(expr, *arrays, optimize="auto")
-    r = max(sizes, key=sizes.get)
-    R = sizes[r]
-    c = _rank_chunk(R, n)
-    if c == R:
-        return jnp.einsum(expr, *arrays, optimize="auto")
+    blocked = any(a.ndim >= 3 for a, lab in factors if any(l >= _RANK for l in lab))
 
-    def block(i):
-        return jnp.einsum(
-            expr,
-            *[jax.lax.dynamic_slice_in_dim(a, i * c, c, lab.index(r)) if r in lab else a for a, lab in factors],
-            optimize="auto",
-        )
+    def summed(*arrays):
+        if r is None or not blocked:
+            return jnp.einsum(expr, *arrays, optimize="auto")
+        axes = [lab.index(r) if r in lab else None for lab in labels]
+        R = next(a.shape[ax] for a, ax in zip(arrays, axes) if ax is not None)
+        c = _rank_chunk(R, n)
+        if c == R:
+            return jnp.einsum(expr, *arrays, optimize="auto")
 
-    return jax.lax.fori_loop(1, R // c, lambda i, acc: acc + block(i), block(0))
+        def block(i):
+            parts = [a if ax is None else jax.lax.dynamic_slice_in_dim(a, i * c, c, ax) for a, ax in zip(arrays, axes)]
+            return jnp.einsum(expr, *parts, optimize="auto")
+
+        return jax.lax.fori_loop(1, R // c, lambda i, acc: acc + block(i), block(0))
+
+    return _sharded(summed, factors, r, None)
 
 
 def _take_diagonals(a: Array, labels: tuple[int, ...]) -> tuple[Array, tuple[int, ...]]:
@@ -146,21 +185,26 @@ def _take_diagonals(a: Array, labels: tuple[int, ...]) -> tuple[Array, tuple[int
 
 
 def _map_rank_blocks(f, p: Array, n: int) -> Array:
-    """``f`` applied to blocks of the last (rank) axis of ``p``, written into one output."""
-    R = p.shape[-1]
-    c = _rank_chunk(R, n)
-    if c == R:
-        return f(p)
-    first = f(p[..., :c])
-    out = jnp.zeros(first.shape[:-1] + (R,), first.dtype)
-    out = jax.lax.dynamic_update_slice_in_dim(out, first, 0, out.ndim - 1)
+    """``f`` applied to blocks of the last (rank) axis of ``p``, written into one output (each
+    device's share of the ranks in place under an active rank mesh)."""
 
-    def body(i, out):
-        return jax.lax.dynamic_update_slice_in_dim(
-            out, f(jax.lax.dynamic_slice_in_dim(p, i * c, c, p.ndim - 1)), i * c, out.ndim - 1
-        )
+    def mapped(p):
+        R = p.shape[-1]
+        c = _rank_chunk(R, n)
+        if c == R:
+            return f(p)
+        first = f(p[..., :c])
+        out = jnp.zeros(first.shape[:-1] + (R,), first.dtype)
+        out = jax.lax.dynamic_update_slice_in_dim(out, first, 0, out.ndim - 1)
 
-    return jax.lax.fori_loop(1, R // c, body, out)
+        def body(i, out):
+            return jax.lax.dynamic_update_slice_in_dim(
+                out, f(jax.lax.dynamic_slice_in_dim(p, i * c, c, p.ndim - 1)), i * c, out.ndim - 1
+            )
+
+        return jax.lax.fori_loop(1, R // c, body, out)
+
+    return _sharded(mapped, [(p, (0,) * (p.ndim - 1) + (_RANK,))], _RANK, p.ndim - 1)
 
 
 @cache
@@ -256,7 +300,7 @@ class FactoredTensor:
         parts = []
         for p, l in zip(self.parts, self.legs):
             if l == 1:
-                parts.append(W.T @ p)
+                parts.append(_map_rank_blocks(lambda b: W.T @ b, p, p.shape[-1]))
             else:  # (n, n, R): W^T B_r W for every rank, one block of ranks at a time
                 parts.append(
                     _map_rank_blocks(lambda b: jnp.einsum("abr,ac,bd->cdr", b, W, W, optimize="auto"), p, self.n)

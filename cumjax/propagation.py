@@ -29,6 +29,7 @@ from .config import PropagationConfig, check_config
 from .cumulants import Cumulants
 from .gaussian import Gaussian, check_gaussian
 from .linear import linear_step
+from .lowrank import rank_sharding
 from .memory import check_memory
 from .mlp import Init, MLPSpec, layer_weights, validate_params
 from .nonlinear import NonlinearStep
@@ -112,6 +113,11 @@ def validate(params, spec: MLPSpec, gaussian: Gaussian, config: PropagationConfi
         raise TypeError(f"spec must be a cumjax.MLPSpec, got {type(spec).__name__}")
     layers = validate_params(params, spec)
     check_gaussian(gaussian, spec.input_dim)
+    if config.mesh is not None and spec.width % config.mesh.size:
+        raise ValueError(
+            f"config.mesh has {config.mesh.size} devices, which must divide the width {spec.width} (rank blocks are "
+            f"multiples of the width)"
+        )
     itemsize = np.dtype(jnp.result_type(gaussian.mean)).itemsize
     check_memory(max(spec.dims[1:]), spec.num_layers, config, itemsize)
     return layers
@@ -134,6 +140,19 @@ def propagate(
     inputs, ``grad`` w.r.t. params and input moments.
     """
     layers = validate(params, spec, gaussian, config)
+    if config.mesh is None:
+        return _propagate(layers, spec, gaussian, config, unroll)
+    # Always one program: run eagerly, every sharded contraction would be its own compiled call.
+    return _propagate_sharded(layers, spec, gaussian, config, unroll)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 3, 4))
+def _propagate_sharded(layers, spec: MLPSpec, gaussian: Gaussian, config: PropagationConfig, unroll: bool):
+    with rank_sharding(config.mesh):
+        return _propagate(layers, spec, gaussian, config, unroll)
+
+
+def _propagate(layers, spec: MLPSpec, gaussian: Gaussian, config: PropagationConfig, unroll: bool) -> Cumulants:
     activations = spec.activations
     tower = input_tower(gaussian, config)
     radial = any(r > 0 for r in dg.tracked_degrees(config.k_max, config.kind).values())

@@ -3,6 +3,9 @@ factored tensor's algebra, jit/vmap/grad, rank and memory model."""
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import jax
 import jax.numpy as jnp
@@ -258,3 +261,52 @@ def test_rank_layers_covering_every_layer_is_exact_and_scanned_equals_unrolled()
     for bad in (0, -1, True, 1.5):
         with pytest.raises(ValueError, match="rank_layers"):
             PropagationConfig(k_max=3, factored=True, rank_layers=bad)
+
+
+def test_rank_sharding_over_four_host_devices_equals_one_device():
+    """PropagationConfig.mesh splits the rank contractions over 4 CPU devices (1-D and 2-D
+    meshes, exact and bounded rank, a gradient): same numbers as one device, and the compiled
+    program really sums partial results over devices."""
+    code = textwrap.dedent("""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+        import dataclasses
+        import jax, jax.numpy as jnp, numpy as np
+        jax.config.update("jax_enable_x64", True)
+        import cumjax as cj
+        devices = np.array(jax.devices())
+        assert devices.size == 4
+        line, square = jax.sharding.Mesh(devices, ("r",)), jax.sharding.Mesh(devices.reshape(2, 2), ("a", "b"))
+        spec = cj.MLPSpec(6, 8, 3, 4, ("relu", "tanh", "relu"))
+        p = cj.init_params(jax.random.PRNGKey(0), spec)
+        g = cj.Gaussian(jnp.full(6, 0.1), jnp.eye(6) * 0.9 + 0.1)
+        run = jax.jit(cj.propagate, static_argnums=(1, 3))
+        # (k4 augment shares the machinery; its sharded program takes minutes to compile)
+        cases = [(3, "simple", None, line), (3, "augment", 2, square), (4, "simple", 2, line)]
+        for k, kind, rank_layers, mesh in cases:
+            one = cj.PropagationConfig(k, kind, factored=True, rank_layers=rank_layers)
+            want = run(p, spec, g, one)
+            got = cj.propagate(p, spec, g, dataclasses.replace(one, mesh=mesh))
+            jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13), got, want)
+        one = cj.PropagationConfig(3, "simple", factored=True)
+        four = dataclasses.replace(one, mesh=line)
+        loss = lambda p, c: jnp.sum(cj.estimate_mean(p, spec, g, c) ** 2)
+        jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-13),
+                               jax.grad(loss)(p, four), jax.grad(loss)(p, one))
+        hlo = jax.jit(cj.estimate_mean, static_argnums=(1, 3)).lower(p, spec, g, four).compile().as_text()
+        assert "all-reduce" in hlo
+        for bad, match in [(dataclasses.replace(spec, width=6), "divide the width"), (None, "factored=True")]:
+            try:
+                if bad is None:
+                    cj.PropagationConfig(2, mesh=line)
+                else:
+                    cj.propagate(cj.init_params(jax.random.PRNGKey(0), bad), bad, g, four)
+            except ValueError as e:
+                assert match in str(e), e
+            else:
+                raise AssertionError(match)
+        print("OK")
+    """)
+    env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), ".."))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
