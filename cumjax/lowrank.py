@@ -246,7 +246,7 @@ class FactoredTensor:
     parts: arrays of shape ``(n,)*legs[p] + (R,)``, each symmetric in its leading legs; the
     degree is ``sum(legs)``. k = 3: legs (1, 1, 1); k = 4: legs (1, 1, 2).
     blocks: static sizes of consecutive rank blocks summing to R, oldest first (the propagation
-    appends one per hidden layer; :meth:`keep_last` drops the oldest). Default: one block.
+    appends one per hidden layer; :meth:`split_blocks` separates the oldest). Default: one block.
     """
 
     def __init__(self, parts: Sequence[Array], legs: tuple[int, ...], n: int, blocks: tuple[int, ...] | None = None):
@@ -287,13 +287,15 @@ class FactoredTensor:
         """The same tensor with every rank block after the first ``keep`` merged into one."""
         return FactoredTensor(self.parts, self.legs, self.n, self.blocks[:keep] + (sum(self.blocks[keep:]),))
 
-    def keep_last(self, num_blocks: int) -> FactoredTensor:
-        """Only the newest ``num_blocks`` rank blocks (a truncation: the tensor changes)."""
-        if len(self.blocks) <= num_blocks:
-            return self
-        blocks = self.blocks[-num_blocks:]
-        drop = self.rank - sum(blocks)
-        return FactoredTensor([p[..., drop:] for p in self.parts], self.legs, self.n, blocks)
+    def split_blocks(self, num_old: int) -> tuple[FactoredTensor, FactoredTensor]:
+        """``(oldest num_old blocks, the rest)``: two tensors that sum to this one (the first
+        has rank 0 when num_old is 0)."""
+        r = sum(self.blocks[:num_old])
+        old, new = ([p[..., :r] for p in self.parts], [p[..., r:] for p in self.parts])
+        return (
+            FactoredTensor(old, self.legs, self.n, self.blocks[:num_old]),
+            FactoredTensor(new, self.legs, self.n, self.blocks[num_old:]),
+        )
 
     def linear(self, W: Array) -> FactoredTensor:
         """The cumulant of ``x @ W``: every leg contracted with W (O(n_in n_out R) per leg)."""

@@ -59,8 +59,36 @@ class FactoredStep(NonlinearStep):
         # One O(n^m R) slice per multiset of multiplicities; other orders are transposes of it.
         pattern = tuple(pattern)
         srt = tuple(sorted(pattern, reverse=True))
-        full = self._cached(("b", srt), lambda: t.slice(srt, self.memo))
+        full = self._cached(("b", srt), lambda: self._input_slice(t, srt))
         return full if srt == pattern else self._cached(("b", pattern), lambda: sorted_view(lambda _: full, pattern))
+
+    def _input_slice(self, t: FactoredTensor, pattern) -> Array:
+        """Slice of an input tensor; of the top one under ``rank_layers``, as the slice of the
+        blocks the truncation drops (cached: the truncated top subtracts it) plus the rest's,
+        so every inherited rank is contracted once."""
+        old = self._dropped_blocks(t)
+        if not old:
+            return t.slice(pattern, self.memo)
+        dropped, kept = t.split_blocks(old)
+        out = self._cached(("dropped", pattern), lambda: dropped.slice(pattern, self.memo))
+        return out + kept.slice(pattern, self.memo) if kept.blocks else out
+
+    def _dropped_blocks(self, t) -> int:
+        """How many of the input top's oldest rank blocks ``rank_layers`` drops (0: none)."""
+        m = self.cfg.rank_layers
+        if m is None or not isinstance(t, FactoredTensor) or t is not self.tower.get(self.k) or len(t.blocks) < m:
+            return 0
+        classes = _diagram_classes(self.top, self.k, self.cfg.kind, self.degrees)
+        if not any(blocks == (self.top,) for _, blocks in classes):  # the input top does not reach the new one
+            return 0
+        return len(t.blocks) - (m - 1)
+
+    def _leg_scale(self, pattern) -> Array:
+        """``prod_j wick(1, 1)[i_j] ** pattern[j]``: a slice's factor from scaling every leg."""
+        w = self.wick(1, 1)
+        return math.prod(
+            jnp.reshape(w**c, [self.n if t == j else 1 for t in range(len(pattern))]) for j, c in enumerate(pattern)
+        )
 
     def block_piece(self, pattern, slots):
         t = self.tower[sum(pattern)]
@@ -173,11 +201,7 @@ class FactoredStep(NonlinearStep):
         coefs, leaves = self._top_parts()
         total = leaves.slice(pattern) if leaves else 0.0
         if coefs:
-            w = self.wick(1, 1)
-            scale = math.prod(
-                jnp.reshape(w**c, [self.n if t == j else 1 for t in range(len(pattern))]) for j, c in enumerate(pattern)
-            )
-            total = total + sum(coefs) * self.block(tuple(pattern)) * scale
+            total = total + sum(coefs) * self.block(tuple(pattern)) * self._leg_scale(pattern)
         return total
 
     def _top_parts(self) -> tuple[list[float], FactoredTensor | None]:
@@ -285,14 +309,18 @@ class FactoredStep(NonlinearStep):
         re-factored non-top slices are taken against this truncated top, so they stay exact."""
         coefs, leaves = self._top_parts()
         inherited = self.tower.get(self.k)
-        if not coefs or not isinstance(inherited, FactoredTensor) or len(inherited.blocks) < m:
+        old = self._dropped_blocks(inherited)
+        if not old:
             return self.top_factored(), self.top_slice  # nothing to drop
-        w, c = self.wick(1, 1), sum(coefs)
-        kept = inherited.keep_last(m - 1).scale_legs(w, c) if m > 1 else None
+        c = sum(coefs)
+        kept = inherited.split_blocks(old)[1].scale_legs(self.wick(1, 1), c) if m > 1 else None
         top = leaves if kept is None else kept.concat(leaves) if leaves else kept
-        dropped_rank = inherited.rank - (kept.rank if kept is not None else 0)
-        if dropped_rank >= top.rank:
+        if inherited.rank - (kept.rank if kept is not None else 0) >= top.rank:
             return top, top.slice
-        dropped = FactoredTensor([p[..., :dropped_rank] for p in inherited.parts], inherited.legs, self.n)
-        dropped = dropped.scale_legs(w, c)
-        return top, lambda beta: self.top_slice(beta) - dropped.slice(beta)
+
+        def dropped_slice(beta):
+            beta = tuple(beta)
+            self.block(beta)  # computes and caches the dropped blocks' slice
+            return c * self._cached(("dropped", tuple(sorted(beta, reverse=True))), None) * self._leg_scale(beta)
+
+        return top, lambda beta: self.top_slice(beta) - dropped_slice(beta)

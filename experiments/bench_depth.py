@@ -4,7 +4,9 @@ For every (k_max, term set, rank_layers) of the config and every depth, one jitt
 ``estimate_mean`` on a He ReLU network of ``width``: compile time, best-of-``repeats`` run time,
 the time per hidden layer and its ratio to the shallowest depth's, all measured in one run (the
 bounded mode's target: at most 1.5x from depth 4 to 16; the exact mode's rank, and so its cost
-per layer, grows with depth).
+per layer, grows with depth), and the marginal time per added layer between consecutive depths
+(the first layers of a bounded run are cheaper, their rank not yet saturated, so the average per
+layer still rises a little where the marginal cost is already constant).
 
     python experiments/bench_depth.py --config configs/bench_depth_smoke.json --out results/
 """
@@ -42,7 +44,7 @@ def main(argv=None) -> dict:
     dtype = jnp.dtype(cfg.get("dtype", "float32"))
     print(f"width {n}, {dtype}; run s per hidden layer (ratio to depth {depths[0]})")
     for config in variants(cfg):
-        cells = []
+        cells, marginal, last = [], [], None
         for L in depths:
             key = f"{config.name}/L{L}"
             if cfg.get("max_exact_depth") and config.rank_layers is None and L > cfg["max_exact_depth"]:
@@ -61,7 +63,11 @@ def main(argv=None) -> dict:
             r = dict(r, ratio_to_shallowest=ratio)
             store.entries[key] = r
             cells.append(f"{r['per_layer_s']:.3g} ({ratio:.2f}x)")
+            if last is not None:
+                marginal.append(f"{(r['run_s'] - last[1]) / (L - last[0]):.3g}")
+            last = (L, r["run_s"])
         print(f"{config.name:<22}" + "".join(f"{c:>20}" for c in cells), flush=True)
+        print(f"{'  marginal s/layer':<42}" + "".join(f"{c:>20}" for c in marginal), flush=True)
     store.put("done", True)
     return store.data
 

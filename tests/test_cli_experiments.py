@@ -182,3 +182,19 @@ def test_bench_depth_smoke_and_resume(tmp_path, monkeypatch):
             assert r["per_layer_s"] == pytest.approx(r["run_s"] / (L - 1)) and r["compile_s"] > 0
     monkeypatch.setattr(bench_depth, "time_compiled", lambda *a, **k: pytest.fail("recomputed a stored time"))
     assert bench_depth.main(args)["entries"] == data["entries"]
+
+
+def test_bench_memory_smoke_compares_model_with_xla_and_resumes(tmp_path, monkeypatch):
+    import bench_memory
+
+    args = ["--config", os.path.join(ROOT, "configs", "bench_memory_smoke.json"), "--out", str(tmp_path)]
+    data = bench_memory.main(args)
+    keys = sorted(k for k in data["entries"] if k != "done")
+    assert keys == ["k2_augment/n8/L3/float32", "k3_simple_fac/n8/L3/float32", "k4_simple_fac/n8/L3/float64"]
+    for k in keys:
+        r = data["entries"][k]
+        assert r["xla_bytes"] > 0 and r["ratio"] == pytest.approx(r["model_bytes"] / r["xla_bytes"])
+    # the float64 program holds at least the float64 weights (3 layers of 8 x 8 plus biases)
+    assert data["entries"]["k4_simple_fac/n8/L3/float64"]["xla_bytes"] >= 3 * 8 * 8 * 8
+    monkeypatch.setattr(bench_memory, "xla_bytes", lambda *a: pytest.fail("recompiled a stored case"))
+    assert bench_memory.main(args)["entries"] == data["entries"]

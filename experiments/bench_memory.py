@@ -1,0 +1,73 @@
+"""The memory model against XLA's own buffer assignment, without running anything.
+
+For every case of the config (width, depth, k_max, term set, factored, rank_layers, dtype) it
+compiles one jitted ``estimate_mean`` on abstract arguments and reads XLA's buffer assignment of
+the compiled program (arguments + outputs + temporaries, minus aliased bytes) next to
+:func:`cumjax.estimated_bytes`; the ratio model / XLA is the number to keep near 1 (above 1:
+the model refuses runs that fit; below 1: it admits runs that may not). Compiling a k4 augment
+program at width 256 takes minutes; nothing is allocated beyond the compiler's own memory.
+
+    python experiments/bench_memory.py --config configs/bench_memory.json --out results/
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import jax
+import jax.numpy as jnp
+from common import ResultStore, enable_x64, load_config, timed
+
+import cumjax as cj
+
+
+def xla_bytes(spec: cj.MLPSpec, config: cj.PropagationConfig, dtype) -> int:
+    """Peak bytes of XLA's buffer assignment for ``jit(estimate_mean)`` (compiled, not run)."""
+    params = jax.eval_shape(lambda k: cj.init_params(k, spec, dtype=dtype), jax.random.PRNGKey(0))
+    n = spec.input_dim
+    g = cj.Gaussian(jax.ShapeDtypeStruct((n,), dtype), jax.ShapeDtypeStruct((n, n), dtype))
+    fn = jax.jit(lambda p, g: cj.estimate_mean(p, spec, g, config))
+    m = fn.lower(params, g).compile().memory_analysis()
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
+
+
+def main(argv=None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default=os.path.join(os.path.dirname(__file__), "..", "configs", "bench_memory.json"))
+    p.add_argument("--out", default="results")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    store = ResultStore(os.path.join(args.out, f"bench_memory_{cfg['name']}.json"), meta=cfg)
+    if any(jnp.dtype(c.get("dtype", "float32")).itemsize == 8 for c in cfg["cases"]):
+        enable_x64()  # float32 cases keep float32 arguments, so their programs are unchanged
+    print(f"{'case':<40}{'model GiB':>11}{'XLA GiB':>10}{'model/XLA':>11}{'compile s':>11}")
+    for case in cfg["cases"]:
+        width, depth, dtype = int(case["width"]), int(case["depth"]), jnp.dtype(case.get("dtype", "float32"))
+        config = cj.PropagationConfig(
+            k_max=case["k_max"],
+            kind=case.get("kind", "simple"),
+            factored=case.get("factored", True),
+            rank_layers=case.get("rank_layers"),
+            output_degree=1,
+        )
+        key = f"{config.name}/n{width}/L{depth}/{dtype.name}"
+        spec = cj.MLPSpec(width, width, width, depth, ("relu",) * (depth - 1))
+
+        def run(spec=spec, config=config, dtype=dtype, width=width, depth=depth):
+            xla, seconds = timed(lambda: xla_bytes(spec, config, dtype))
+            model = cj.estimated_bytes(width, depth, config, dtype.itemsize)
+            return dict(model_bytes=model, xla_bytes=xla, ratio=model / xla, compile_s=seconds)
+
+        r = store.get_or_compute(key, run)
+        print(
+            f"{key:<40}{r['model_bytes'] / 2**30:>11.2f}{r['xla_bytes'] / 2**30:>10.2f}{r['ratio']:>11.2f}"
+            f"{r['compile_s']:>11.1f}",
+            flush=True,
+        )
+    store.put("done", True)
+    return store.data
+
+
+if __name__ == "__main__":
+    main()
