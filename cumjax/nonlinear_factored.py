@@ -320,7 +320,8 @@ class FactoredStep(NonlinearStep):
 
         def dropped_slice(beta):
             beta = tuple(beta)
+            assert beta == tuple(sorted(beta, reverse=True)), "the dropped slices are cached in sorted order"
             self.block(beta)  # computes and caches the dropped blocks' slice
-            return c * self._cached(("dropped", tuple(sorted(beta, reverse=True))), None) * self._leg_scale(beta)
+            return c * self._memo[("dropped", beta)] * self._leg_scale(beta)
 
         return top, lambda beta: self.top_slice(beta) - dropped_slice(beta)
