@@ -44,7 +44,7 @@ def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, item
     # Input, output and working copies of the factors (contractions are summed over blocks of n
     # ranks, so their temporaries are small); the multiples are calibrated on XLA's buffer
     # assignment (README, "Memory"; experiments/bench_memory.py).
-    copies = {(3, "simple"): 3, (3, "augment"): 6, (4, "simple"): 2.5, (4, "augment"): 4}[(k, config.kind)]
+    copies = {(3, "simple"): 3, (3, "augment"): 6, (4, "simple"): 2.5, (4, "augment"): 3}[(k, config.kind)]
     live = copies * part * sum(live_ranks)
     dense = (24 if config.kind == "augment" else 12) * n ** (k - 1)
     stored = 2 * part * sum(ranks) if everything else 0
