@@ -204,7 +204,13 @@ def _map_rank_blocks(f, p: Array, n: int) -> Array:
 
         return jax.lax.fori_loop(1, R // c, body, out)
 
-    return _sharded(mapped, [(p, (0,) * (p.ndim - 1) + (_RANK,))], _RANK, p.ndim - 1)
+    return _on_rank_shards(mapped, p)
+
+
+def _on_rank_shards(f, p: Array) -> Array:
+    """``f(p)`` for an ``f`` acting rank by rank on the last axis: on each device's share of the
+    ranks in place under an active rank mesh."""
+    return _sharded(f, [(p, (0,) * (p.ndim - 1) + (_RANK,))], _RANK, p.ndim - 1)
 
 
 @cache
@@ -302,7 +308,7 @@ class FactoredTensor:
         parts = []
         for p, l in zip(self.parts, self.legs):
             if l == 1:
-                parts.append(_map_rank_blocks(lambda b: W.T @ b, p, p.shape[-1]))
+                parts.append(_on_rank_shards(lambda b: W.T @ b, p))
             else:  # (n, n, R): W^T B_r W for every rank, one block of ranks at a time
                 parts.append(
                     _map_rank_blocks(lambda b: jnp.einsum("abr,ac,bd->cdr", b, W, W, optimize="auto"), p, self.n)
