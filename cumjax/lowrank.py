@@ -193,18 +193,34 @@ def _map_rank_blocks(f, p: Array, n: int) -> Array:
         c = _rank_chunk(R, n)
         if c == R:
             return f(p)
-        first = f(p[..., :c])
-        out = jnp.zeros(first.shape[:-1] + (R,), first.dtype)
-        out = jax.lax.dynamic_update_slice_in_dim(out, first, 0, out.ndim - 1)
+        ax = p.ndim - 1
 
-        def body(i, out):
-            return jax.lax.dynamic_update_slice_in_dim(
-                out, f(jax.lax.dynamic_slice_in_dim(p, i * c, c, p.ndim - 1)), i * c, out.ndim - 1
+        def step(src):  # block i of src mapped into block i of out
+            return lambda i, out: jax.lax.dynamic_update_slice_in_dim(
+                out, f(jax.lax.dynamic_slice_in_dim(out if src is None else src, i * c, c, ax)), i * c, ax
             )
 
-        return jax.lax.fori_loop(1, R // c, body, out)
+        block = jax.eval_shape(f, jax.ShapeDtypeStruct(p.shape[:-1] + (c,), p.dtype))
+        if block.shape == p.shape[:-1] + (c,) and block.dtype == p.dtype:
+            # each block is read before it is overwritten, so XLA can map p in place when p is
+            # dead afterwards (the pre-linear top is): no second n^2 R buffer
+            return jax.lax.fori_loop(0, R // c, step(None), p)
+        out = jnp.zeros(block.shape[:-1] + (R,), block.dtype)
+        return jax.lax.fori_loop(0, R // c, step(p), out)
 
     return _on_rank_shards(mapped, p)
+
+
+def _concat_ranks(arrays: Sequence[Array]) -> Array:
+    """``concatenate(arrays, axis=-1)`` written as in-place updates of one buffer: XLA fuses each
+    operand's producer (a leg scaling, say) into its update, where a concatenate would first
+    materialise every operand (one more n^2 R copy of the inherited top at k = 4)."""
+    out = jnp.zeros(arrays[0].shape[:-1] + (sum(a.shape[-1] for a in arrays),), arrays[0].dtype)
+    start = 0
+    for a in arrays:
+        out = jax.lax.dynamic_update_slice_in_dim(out, a, start, out.ndim - 1)
+        start += a.shape[-1]
+    return out
 
 
 def _on_rank_shards(f, p: Array) -> Array:
@@ -283,7 +299,7 @@ class FactoredTensor:
     def concat(self, other: FactoredTensor) -> FactoredTensor:
         assert self.legs == other.legs
         return FactoredTensor(
-            [jnp.concatenate([a, b], axis=-1) for a, b in zip(self.parts, other.parts)],
+            [_concat_ranks([a, b]) for a, b in zip(self.parts, other.parts)],
             self.legs,
             self.n,
             self.blocks + other.blocks,
@@ -473,4 +489,4 @@ def from_leaf_groups(groups: Sequence[tuple[Array, Array]], k: int, n: int) -> F
         return materialize(0.5 * jnp.moveaxis(materialize(X + jnp.swapaxes(X, 1, 2)), 0, -1))
 
     parts = [(E, eye, rest(X)) for E, X in groups]
-    return FactoredTensor([jnp.concatenate(ps, axis=-1) for ps in zip(*parts)], legs_for(k), n)
+    return FactoredTensor([_concat_ranks(ps) for ps in zip(*parts)], legs_for(k), n)

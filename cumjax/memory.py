@@ -25,8 +25,9 @@ def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, item
     """Rough peak memory of propagation.
 
     Unfactored: the dense order-k cores of every stored layer plus the working slices of one
-    nonlinear step. Factored (k_max 3/4): 3x (augment 6x) the factors of the two largest live layers plus
-    dense working arrays of order k-1; when every degree is returned (``output_degree`` None or
+    nonlinear step. Factored (k_max 3/4): a few copies (calibrated per k and term set on XLA's
+    buffer assignment) of the factors of the two largest live layers plus dense working arrays of
+    order k-1; when every degree is returned (``output_degree`` None or
     >= k) also every layer's stored factors. Modelled on a jitted call (``estimate_mean`` under
     ``jax.jit``); eager calls keep more intermediates alive.
     """
@@ -44,9 +45,10 @@ def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, item
     # Input, output and working copies of the factors (contractions are summed over blocks of n
     # ranks, so their temporaries are small); the multiples are calibrated on XLA's buffer
     # assignment (README, "Memory"; experiments/bench_memory.py).
-    copies = {(3, "simple"): 3, (3, "augment"): 6, (4, "simple"): 2.5, (4, "augment"): 3}[(k, config.kind)]
+    copies = {(3, "simple"): 3, (3, "augment"): 6, (4, "simple"): 2.2, (4, "augment"): 2.5}[(k, config.kind)]
     live = copies * part * sum(live_ranks)
-    dense = (24 if config.kind == "augment" else 12) * n ** (k - 1)
+    # order k-1 working slices; the bounded mode also caches the dropped blocks' slices
+    dense = (24 if config.kind == "augment" else 12) * n ** (k - 1) * (2 if config.rank_layers else 1)
     stored = 2 * part * sum(ranks) if everything else 0
     return int((live + dense + stored + num_layers * n * n) * itemsize)
 

@@ -20,6 +20,22 @@ import cumjax as cj
 OUT = os.path.join(os.path.dirname(__file__), "..", "cumjax", "data", "advice.json")
 
 
+def merge(old: dict, new: dict) -> dict:
+    """``new`` plus the widths of ``old`` that ``new`` does not measure (a sweep run one width at
+    a time, ``mse_vs_depth.py --widths``); both from the same activation and depth."""
+    if (old["activation"], old["depth_max"]) != (new["activation"], new["depth_max"]):
+        raise ValueError("--merge needs a table of the same activation and depth")
+    out = dict(new, variance=dict(new["variance"]), variants={k: dict(v) for k, v in new["variants"].items()})
+    for w, var in old["variance"].items():
+        if w in new["variance"]:
+            continue
+        out["variance"][w] = var
+        for name, per_width in old["variants"].items():
+            if w in per_width:
+                out["variants"].setdefault(name, {})[w] = per_width[w]
+    return out
+
+
 def build(scores: dict) -> dict:
     meta, entries = scores["meta"], scores["entries"]
     L = int(meta["layers"])
@@ -50,11 +66,15 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scores", required=True, help="a mse_vs_depth_<name>.json")
     p.add_argument("--out", default=OUT)
+    p.add_argument("--merge", action="store_true", help="keep the widths of the existing --out table the scores lack")
     p.add_argument("--budgets", default="1e6,1e8,1e10,1e12")
     p.add_argument("--depths", default="2,4,8,16")
     args = p.parse_args(argv)
     with open(args.scores) as f:
         table = build(json.load(f))
+    if args.merge and os.path.exists(args.out):
+        with open(args.out) as f:
+            table = merge(json.load(f), table)
     write_json_atomic(table, args.out)
     budgets = [float(b) for b in args.budgets.split(",")]
     depths = [int(d) for d in args.depths.split(",") if int(d) <= table["depth_max"]]

@@ -9,6 +9,12 @@ depth: run ~ width^(k+1) unfactored, ~ width^k factored since the rank grows ~ w
 
     python experiments/bench_factored.py --config configs/bench_factored_smoke.json --out results/
 
+Side-by-side mode (``--reference SRC --reference-python PY``): after each factored configuration
+the authors' PyTorch reference runs on the same weights (``reference_worker.py`` under PY, a
+Python with torch; SRC the ``src`` folder of a local checkout), its output mean is compared with
+cumjax's and ref/cumjax printed. Every row also gets its GFLOP/s against a matmul chain measured
+in the same run.
+
 Results go to ``<out>/bench_factored_<name>.json`` (atomically, after every configuration; a rerun
 skips what is there) and a figure ``<out>/bench_factored_<name>.png``.
 """
@@ -20,6 +26,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 from common import ResultStore, fit_power_law, load_config, save_figure_atomic, write_json_atomic
 
@@ -50,8 +57,18 @@ def _worker(spec: dict) -> dict:
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         "output_finite": bool(jnp.all(jnp.isfinite(r["out"]))),
     }
+    res["flops"] = cj.estimator_flops(params, net, g, config)  # analytic count of the traced program
     if spec["factored"]:
         res["ranks"] = cj.factored_ranks(n, L, config)
+    if spec.get("side_by_side"):  # the weights and output the reference is run and checked on
+        import numpy as np
+
+        d = spec["side_by_side"]
+        np.savez(
+            os.path.join(d, "weights.npz"),
+            **{f"W{l}": np.asarray(W) for l, (W, _) in enumerate(cj.layer_weights(params))},
+        )
+        np.save(os.path.join(d, "cumjax_mean.npy"), np.asarray(r["out"], np.float64))
     return res
 
 
@@ -78,6 +95,36 @@ def _run_worker(spec: dict, timeout: float) -> dict:
     if proc.returncode != 0:
         return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _run_reference(spec: dict, src: str, python: str, timeout: float) -> dict:
+    """Time the reference on the weights ``_worker`` saved in ``spec["side_by_side"]``; compare outputs."""
+    import numpy as np
+
+    d = spec["side_by_side"]
+    out = os.path.join(d, "reference.npz")
+    cmd = [
+        python,
+        os.path.join(HERE, "reference_worker.py"),
+        src,
+        json.dumps(spec),
+        os.path.join(d, "weights.npz"),
+        out,
+    ]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if proc.returncode == -9:
+        return {"error": "killed (SIGKILL: out of memory)"}
+    if proc.returncode != 0:
+        return {"error": proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}"}
+    ref = np.load(out)
+    mine = np.load(os.path.join(d, "cumjax_mean.npy"))
+    return {
+        "run_s": float(ref["run_s"]),
+        "max_rel_diff": float(np.max(np.abs(mine - ref["mean"])) / np.max(np.abs(ref["mean"]))),
+    }
 
 
 def _slope(x, y):
@@ -110,6 +157,13 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--out", default="results")
+    ap.add_argument(
+        "--reference",
+        default=None,
+        help="src folder of a local checkout of the authors' reference: time it on the same weights beside "
+        "every factored configuration (side-by-side mode)",
+    )
+    ap.add_argument("--reference-python", default="python3", help="an interpreter with torch for --reference")
     args = ap.parse_args(argv)
     cfg = load_config(args.config)
     _validate(cfg)
@@ -125,7 +179,7 @@ def main(argv=None) -> dict:
     ]
     for n, k, kind, fac in tqdm(units, desc="bench_factored"):
         key = f"n{n}_k{k}_{kind}_{'fac' if fac else 'dense'}"
-        if key in store:
+        if key in store and not (args.reference and fac and f"{key}/reference" not in store):
             continue
         cap = cfg.get("max_width", {}).get(f"k{k}_{kind}_{'fac' if fac else 'dense'}")
         if cap is not None and n > cap:
@@ -146,9 +200,22 @@ def main(argv=None) -> dict:
             "repeats": cfg["repeats"],
             "seed": cfg.get("seed", 0),
         }
-        res = _run_worker(spec, cfg.get("timeout_s", 3600))
-        res["estimated_bytes"] = est
-        store.put(key, res)
+        if not (args.reference and fac):
+            res = _run_worker(spec, cfg.get("timeout_s", 3600))
+            store.put(key, dict(res, estimated_bytes=est))
+            continue
+        with tempfile.TemporaryDirectory() as d:  # one run of each, back to back, on the same weights
+            spec["side_by_side"] = d
+            res = _run_worker(spec, cfg.get("timeout_s", 3600))
+            store.put(key, dict(res, estimated_bytes=est))
+            ref = (
+                {"error": "cumjax failed"}
+                if "error" in res
+                else _run_reference(spec, args.reference, args.reference_python, cfg.get("timeout_s", 3600))
+            )
+            if "run_s" in ref:
+                ref["ratio"] = ref["run_s"] / res["run_s"]
+            store.put(f"{key}/reference", ref)
 
     series = {}
     for k in cfg["orders"]:
@@ -163,17 +230,32 @@ def main(argv=None) -> dict:
                     "run_s": [r["run_s"] for _, r in rows],
                     "compile_s": [r["compile_s"] for _, r in rows],
                     "peak_rss_gib": [r["peak_rss_bytes"] / 2**30 for _, r in rows],
+                    "gflops": [r["flops"] / r["run_s"] / 1e9 if "flops" in r else float("nan") for _, r in rows],
                     "run_slope": _slope([n for n, _ in fit], [r["run_s"] for _, r in fit]),
                     "rss_slope": _slope([n for n, _ in fit], [r["peak_rss_bytes"] for _, r in fit]),
                     "theory_run_slope": k if fac else k + 1,
                 }
-    summary = {"config": cfg, "series": series, "entries": store.entries}
+    from common import matmul_peak
+
+    peak = matmul_peak(max(cfg["widths"]))  # in this run, beside the stored timings
+    summary = {"config": cfg, "series": series, "entries": store.entries, "matmul_peak_gflops": peak}
+    side = {k[: -len("/reference")]: r for k, r in store.entries.items() if k.endswith("/reference")}
+    if side:
+        print(f"{'side by side':<26}{'reference s':>12}{'cumjax s':>10}{'ref/cumjax':>11}{'max rel diff':>14}")
+        for key, r in side.items():
+            if "ratio" in r:
+                print(
+                    f"{key:<26}{r['run_s']:>12.3f}{store[key]['run_s']:>10.3f}{r['ratio']:>10.1f}x{r['max_rel_diff']:>14.1e}"
+                )
+            else:
+                print(f"{key:<26}  {r['error']}")
     write_json_atomic(summary, os.path.join(args.out, f"bench_factored_{cfg['name']}_summary.json"))
 
-    print(f"{'series':<22}{'width':>6}{'compile s':>11}{'run s':>10}{'peak GiB':>10}")
+    print(f"matmul peak (float32 (8192x{max(cfg['widths'])}) @ square, chained, this run): {peak:.1f} GFLOP/s")
+    print(f"{'series':<22}{'width':>6}{'compile s':>11}{'run s':>10}{'peak GiB':>10}{'GFLOP/s':>9}{'% peak':>8}")
     for name, s in series.items():
-        for n, c, r, m in zip(s["widths"], s["compile_s"], s["run_s"], s["peak_rss_gib"]):
-            print(f"{name:<22}{n:>6}{c:>11.2f}{r:>10.4f}{m:>10.2f}")
+        for n, c, r, m, g in zip(s["widths"], s["compile_s"], s["run_s"], s["peak_rss_gib"], s["gflops"]):
+            print(f"{name:<22}{n:>6}{c:>11.2f}{r:>10.4f}{m:>10.2f}{g:>9.1f}{100 * g / peak:>7.0f}%")
         if s["run_slope"] is not None:
             print(
                 f"{name:<22} slopes vs width: run {s['run_slope']:.2f} (theory {s['theory_run_slope']}), "

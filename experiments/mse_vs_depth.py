@@ -122,7 +122,7 @@ def run(cfg, args) -> dict:
     est_store = mvf.estimates_store(os.path.join(args.out, f"{name}_estimates.json"), cfg)
     cache = os.path.join(args.out, "gt_cache")
     print(f"device: {jax.devices()[0]}  config: {cfg['name']}")
-    for w in cfg["widths"]:
+    for w in args.widths or cfg["widths"]:
         spec = mvf.make_spec(w, int(cfg["layers"]), cfg["activation"], mvf.init_of(cfg))
         params = mvf.networks(cfg, spec)
         truth = mvf.truth_for(cfg, spec, params, cache, not args.no_progress, layers=range(spec.num_layers))
@@ -196,7 +196,9 @@ def plot(store: ResultStore, cfg: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    widths = cfg["widths"]
+    widths = [w for w in cfg["widths"] if f"n{w}/truth" in store.entries]
+    if not widths:
+        return
     fig, axes = plt.subplots(2, len(widths), figsize=(5.5 * len(widths), 8.5), squeeze=False)
     for col, w in enumerate(widths):
         top, bottom = axes[0][col], axes[1][col]
@@ -246,10 +248,19 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--out", default="results")
     p.add_argument("--redo", default=None, help="regex: recompute the variants whose key (n<width>/<name>) matches")
+    p.add_argument(
+        "--widths",
+        default=None,
+        help="comma-separated subset of the config's widths to run now (the rest keep their rows)",
+    )
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     cfg = load_config(args.config)
     check_config(cfg)
+    if args.widths:
+        args.widths = [int(w) for w in args.widths.split(",")]
+        if not set(args.widths) <= set(cfg["widths"]):
+            raise ValueError(f"--widths {args.widths} must be among the config's widths {cfg['widths']}")
     enable_x64()  # float64 accumulation; arrays carry explicit dtypes
     return run(cfg, args)
 

@@ -82,3 +82,23 @@ def test_shipped_table_and_cli(capsys):
     out = capsys.readouterr().out
     assert "best:" in out and "monte_carlo" in out
     assert cli.main(["advise", "--width", str(w), "--depth", "999", "--flops", "1e9"]) == 2
+
+
+def test_merge_keeps_the_widths_a_new_sweep_lacks():
+    import advice_table  # experiments/, on pytest's pythonpath
+
+    old = dict(_table(), activation="relu")
+    new = copy.deepcopy(old)
+    for v in new["variants"].values():  # the new run measured width 256 only, with other numbers
+        del v["64"]
+        v["256"]["mse"] = [2 * m for m in v["256"]["mse"]]
+    del new["variance"]["64"]
+    new["variants"]["k3_simple_fac"] = {"256": old["variants"]["k2_simple"]["256"]}
+    got = advice_table.merge(old, new)
+    assert got["variance"].keys() == {"64", "256"}
+    assert got["variants"]["k1_simple"]["64"] == old["variants"]["k1_simple"]["64"]
+    assert got["variants"]["k1_simple"]["256"] == new["variants"]["k1_simple"]["256"]
+    assert got["variants"]["k3_simple_fac"].keys() == {"256"}
+    assert old["variance"].keys() == {"64", "256"} and "64" not in new["variance"]  # inputs untouched
+    with pytest.raises(ValueError, match="same activation"):
+        advice_table.merge(dict(old, depth_max=L + 1), new)

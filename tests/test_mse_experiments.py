@@ -267,3 +267,9 @@ def test_mse_vs_depth_smoke_and_resume(tmp_path, monkeypatch):
         _no_recompute(m)
         again = mvd.main(args)
     assert json.dumps(again["entries"]) == json.dumps(data["entries"])
+    with monkeypatch.context() as m:  # one width at a time into the same store
+        _no_recompute(m)
+        one = mvd.main(args + ["--widths", str(cfg["widths"][-1])])
+    assert json.dumps(one["entries"]) == json.dumps(data["entries"])
+    with pytest.raises(ValueError, match="among the config's widths"):
+        mvd.main(args + ["--widths", "9"])
