@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import itertools
 import math
 import string
@@ -115,11 +116,15 @@ def contract_pieces(
 
 
 def _einsum(factors, kept, n: int) -> Array:
-    factors = [_take_diagonals(a, lab) for a, lab in factors]
+    return _summed_over_rank_blocks([_take_diagonals(a, lab) for a, lab in factors], tuple(kept), n)
+
+
+def _subscripts(factors, out) -> str:
+    """The einsum string of labelled factors summed onto the labels ``out``."""
     letter: dict[int, str] = {}
     name = lambda l: letter.setdefault(l, _LETTERS[len(letter)])  # noqa: E731
-    subs = ",".join("".join(name(l) for l in labels) for _, labels in factors)
-    return _summed_over_rank_blocks(subs + "->" + "".join(name(l) for l in kept), factors, n)
+    subs = ",".join("".join(name(l) for l in lab) for _, lab in factors)
+    return subs + "->" + "".join(name(l) for l in out)
 
 
 def _canonical(factors, kept) -> tuple[tuple, tuple[int, ...]]:
@@ -143,17 +148,143 @@ def _canonical(factors, kept) -> tuple[tuple, tuple[int, ...]]:
     return best
 
 
-def _summed_over_rank_blocks(expr: str, factors, n: int) -> Array:
-    """``einsum(expr)`` of the factors, looping over blocks of the largest summed rank index
-    (split over the devices of the active rank mesh, if any)."""
+@dataclasses.dataclass(frozen=True)
+class RankGemm:
+    """Plan of ``sum_r prod_f F_f[..., r]`` as matrix products over the rank ``r``.
+
+    premerge: ``(factor indices, labels)``: factors sharing a summed non-rank label, contracted
+    first into one factor with those labels (a vector or matrix times the rank factors: one pass).
+    left, right: indices (after premerge) of the factors whose broadcast product forms each GEMM
+    operand ``(prod of free dims, ranks)``; their free labels are disjoint, so the sum over r is
+    one ``(P, r) @ (r, Q)`` product. blocked: a side multiplies several factors into an
+    ``n^2 x ranks`` (or larger) operand, so ranks go in blocks of n under a loop (bounded temporary);
+    otherwise one GEMM over all ranks.
+    """
+
+    premerge: tuple[tuple[tuple[int, ...], tuple[int, ...]], ...]
+    left: tuple[int, ...]
+    right: tuple[int, ...]
+    left_labels: tuple[int, ...]
+    right_labels: tuple[int, ...]
+    blocked: bool
+
+
+def rank_gemm_plan(labels: Sequence[tuple[int, ...]], kept: tuple[int, ...], r: int) -> RankGemm | None:
+    """The :class:`RankGemm` plan of contracting factors with ``labels`` onto ``kept`` by summing the
+    rank label ``r`` (and any other summed labels); None when it does not apply (a factor without
+    r, or no split into two sides with disjoint free labels), then einsum does the contraction."""
+    items = [((i,), tuple(lab)) for i, lab in enumerate(labels)]
+    premerge = []
+    for l in sorted({l for lab in labels for l in lab if l not in kept and l != r}):
+        carrying = [it for it in items if l in it[1]]
+        rest = [it for it in items if l not in it[1]]
+        needed = set(kept) | {r} | {x for _, lab in rest for x in lab}
+        merged = tuple(dict.fromkeys(x for _, lab in carrying for x in lab if x != l and x in needed))
+        if len([x for x in merged if x != r]) > max(len([x for x in lab if x != r]) for _, lab in carrying):
+            return None  # the merge would make a larger array than it reads
+        idx = tuple(i for ids, _ in carrying for i in ids)
+        premerge.append((idx, merged))
+        items = rest + [(idx, merged)]
+    if len(items) < 2 or any(r not in lab for _, lab in items):
+        return None
+    free = [frozenset(lab) - {r} for _, lab in items]
+    best = None
+    for mask in range(1, 1 << (len(items) - 1)):  # item 0 always on the right: each split once
+        left = tuple(i for i in range(len(items)) if mask >> i & 1)
+        right = tuple(i for i in range(len(items)) if not mask >> i & 1)
+        lf, rf = frozenset().union(*(free[i] for i in left)), frozenset().union(*(free[i] for i in right))
+        if lf & rf:
+            continue
+        temps = [len(f) for side, f in ((left, lf), (right, rf)) if len(side) > 1]
+        score = (max(temps, default=-1), sum(temps), -len(right))
+        if best is None or score < best[0]:
+            best = (score, left, right, lf, rf)
+    if best is None:
+        return None
+    score, left, right, lf, rf = best
+
+    # Operand order and axis orders: the GEMM's (P, Q) output is transposed to ``kept``; one that
+    # keeps the minor axis in place is a cheap copy of rows, one that moves it is a strided gather
+    # (several times slower on CPU, and fused into every consumer). A side of several factors
+    # takes any order; a lone (n, n, R) factor either order of its two legs (symmetric, as
+    # :func:`_canonical` assumes).
+    def orders(side, f):
+        lab = items[side[0]][1]
+        if len(side) > 1:
+            return [tuple(l for l in kept if l in f)]
+        own = tuple(l for l in lab if l != r)
+        sym = len(own) == 2 and lab[-1] == r and len(items[side[0]][0]) == 1  # as in _canonical
+        return [own, own[::-1]] if sym else [own]
+
+    def cost(got):
+        return 0 if got == tuple(kept) else 1 if got[-1:] == tuple(kept)[-1:] else 2
+
+    options = [
+        (cost(a + b), first, second, a, b)
+        for first, second, ff, sf in ((left, right, lf, rf), (right, left, rf, lf))
+        for a in orders(first, ff)
+        for b in orders(second, sf)
+    ]
+    _, first, second, a, b = min(options, key=lambda o: o[0])
+    return RankGemm(tuple(premerge), first, second, a, b, blocked=score[0] >= 2)
+
+
+def _run_rank_gemm(plan: RankGemm, arrays: Sequence[Array], labels, kept, r: int, n: int) -> Array:
+    """Evaluate :func:`rank_gemm_plan` on ``arrays`` (the labelled factors); ``(dims of kept)``."""
+    items = [((i,), (a, tuple(lab))) for i, (a, lab) in enumerate(zip(arrays, labels))]
+    for idx, merged in plan.premerge:  # in the order (and item order) rank_gemm_plan made them
+        carrying = [f for ids, f in items if set(ids) <= set(idx)]
+        items = [it for it in items if not set(it[0]) <= set(idx)] + [(idx, (_plain_einsum(carrying, merged), merged))]
+    factors = [f for _, f in items]
+    dims = {l: a.shape[lab.index(l)] for a, lab in factors for l in lab}
+
+    def operand(side, out, block):
+        fs = [factors[i] for i in side]
+        if block is not None:
+            fs = [(jax.lax.dynamic_slice_in_dim(a, block[0], block[1], lab.index(r)), lab) for a, lab in fs]
+        ((a, lab),) = fs if len(fs) == 1 else [(None, ())]
+        if a is not None and a.ndim == 3 and lab == (out[1], out[0], r):
+            x = a  # symmetric in its two legs: the other order is the same array
+        else:
+            x = _plain_einsum(fs, out + (r,))
+        return jnp.reshape(x, (math.prod(dims[l] for l in out), x.shape[-1]))
+
+    def gemm(block=None):
+        a, b = operand(plan.left, plan.left_labels, block), operand(plan.right, plan.right_labels, block)
+        return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+
+    R = dims[r]
+    c = _rank_chunk(R, n) if plan.blocked else R
+    if c == R:
+        out = gemm()
+    else:
+        out = jax.lax.fori_loop(1, R // c, lambda i, acc: acc + gemm((i * c, c)), gemm((0, c)))
+    got = plan.left_labels + plan.right_labels
+    out = jnp.reshape(out, tuple(dims[l] for l in got))
+    return jnp.transpose(out, tuple(got.index(l) for l in kept))
+
+
+def _plain_einsum(factors, out) -> Array:
+    return jnp.einsum(_subscripts(factors, out), *[a for a, _ in factors], optimize="auto")
+
+
+def _summed_over_rank_blocks(factors, kept: tuple[int, ...], n: int) -> Array:
+    """The labelled factors contracted onto ``kept``, summing their largest rank index: as one
+    or a loop of matrix products (:func:`rank_gemm_plan`) where the factors split into two sides,
+    else by einsum, looping over blocks of the rank where (n, n, R) factors are involved (split
+    over the devices of the active rank mesh, if any)."""
+    expr = _subscripts(factors, kept)
     sizes = {l: a.shape[lab.index(l)] for a, lab in factors for l in lab if l >= _RANK}
     r = max(sizes, key=sizes.get) if sizes else None
     labels = [lab for _, lab in factors]
-    # Only (n, n, R) factors (k = 4) make n^2 R temporaries worth bounding; with (n, R) factors
-    # alone (k = 3) one einsum over the whole rank takes the cheaper contraction order.
+    plan = None if r is None else rank_gemm_plan(labels, tuple(kept), r)
+    # Without a plan: only (n, n, R) factors (k = 4) make n^2 R temporaries worth bounding; with
+    # (n, R) factors alone (k = 3) one einsum over the whole rank takes the cheaper contraction order.
     blocked = any(a.ndim >= 3 for a, lab in factors if any(l >= _RANK for l in lab))
 
     def summed(*arrays):
+        if plan is not None:
+            return _run_rank_gemm(plan, arrays, labels, tuple(kept), r, n)
         if r is None or not blocked:
             return jnp.einsum(expr, *arrays, optimize="auto")
         axes = [lab.index(r) if r in lab else None for lab in labels]

@@ -45,10 +45,12 @@ def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, item
     # Input, output and working copies of the factors (contractions are summed over blocks of n
     # ranks, so their temporaries are small); the multiples are calibrated on XLA's buffer
     # assignment (README, "Memory"; experiments/bench_memory.py).
-    copies = {(3, "simple"): 3, (3, "augment"): 6, (4, "simple"): 2.2, (4, "augment"): 2.5}[(k, config.kind)]
+    copies = {(3, "simple"): 3, (3, "augment"): 6, (4, "simple"): 0.5, (4, "augment"): 0.95}[(k, config.kind)]
     live = copies * part * sum(live_ranks)
-    # order k-1 working slices; the bounded mode also caches the dropped blocks' slices
-    dense = (24 if config.kind == "augment" else 12) * n ** (k - 1) * (2 if config.rank_layers else 1)
+    # order k-1 working slices (at k = 4 the n^3 slices of the step, not the factors, are most of
+    # the peak until the rank passes ~50n); the bounded mode also caches the dropped blocks' slices
+    per_slice = {(3, "simple"): 12, (3, "augment"): 24, (4, "simple"): 26, (4, "augment"): 62}[(k, config.kind)]
+    dense = (per_slice + (12 if config.rank_layers else 0)) * n ** (k - 1)
     stored = 2 * part * sum(ranks) if everything else 0
     return int((live + dense + stored + num_layers * n * n) * itemsize)
 

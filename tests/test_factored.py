@@ -122,6 +122,38 @@ def test_contract_memo_reads_back_only_equal_contractions():
     np.testing.assert_allclose(d, np.einsum("jr,lr,iir->ijl", u, v, B), rtol=1e-12)
 
 
+@pytest.mark.parametrize(
+    "expr, kind",
+    [
+        ("ar,ar,bcr->abc", "one GEMM"),  # the (n, n, R) factor alone on one side: no temporary, not blocked
+        ("ar,br,cr->cab", "blocked"),  # Khatri-Rao side (n^2, ranks)
+        ("ar,br,acr->abc", "blocked"),  # a per-rank scaled (n, n, R) side
+        ("ar,br,bcr->bac", "blocked"),
+        ("x,br,xr,der->bde", "one GEMM"),  # a vector first summed into the ranks (premerge)
+        ("x,br,dr,xer->bde", "blocked"),  # ... or into the (n, n, R) factor
+        ("ar,br,cdr->abcd", "blocked"),
+        ("ar,br,abr->ab", None),  # no split with disjoint sides: einsum
+    ],
+)
+def test_rank_gemm_plan_equals_einsum(expr, kind):
+    n, R, r = 5, 15, lowrank._RANK
+    ins, out = expr.split("->")
+    code = {c: i for i, c in enumerate(sorted(set(expr) - set(",->r")))} | {"r": r}
+    labels = [tuple(code[c] for c in s) for s in ins.split(",")]
+    kept = tuple(code[c] for c in out)
+    rng = np.random.default_rng(0)
+    arrays = [jnp.asarray(rng.normal(size=tuple(R if c == "r" else n for c in s))) for s in ins.split(",")]
+    arrays = [(a + jnp.swapaxes(a, 0, 1)) / 2 if a.ndim == 3 else a for a in arrays]  # (n, n, R): symmetric
+    plan = lowrank.rank_gemm_plan(labels, kept, r)
+    assert (plan is None) == (kind is None)
+    if plan is not None:
+        assert plan.blocked == (kind == "blocked")
+    # n = 3 < R: the blocked plans loop over rank blocks of 3
+    for width in (3, n):
+        got = lowrank._summed_over_rank_blocks(list(zip(arrays, labels)), kept, width)
+        np.testing.assert_allclose(got, np.einsum(expr, *arrays), rtol=1e-12, atol=1e-12)
+
+
 # ----------------------------------------------------------------------------- transformations
 
 
