@@ -86,7 +86,8 @@ def main(argv=None) -> dict:
             for b in budgets:
                 try:
                     a = cj.advise(w, d, b, table)
-                    cells.append(f"{a.best.name} ({'<' if a.best.bound else ''}{a.best.mse:.1e})")
+                    star = "*" if a.best.extrapolated else ""  # outside the widths it was measured at
+                    cells.append(f"{a.best.name}{star} ({'<' if a.best.bound else ''}{a.best.mse:.1e})")
                 except ValueError:
                     cells.append("–")
             print(f"| {w} | {d} | " + " | ".join(cells) + " |")
