@@ -241,10 +241,9 @@ def _run_rank_gemm(plan: RankGemm, arrays: Sequence[Array], labels, kept, r: int
     def operand(side, out, block):
         fs = [factors[i] for i in side]
         if block is not None:
-            fs = [(jax.lax.dynamic_slice_in_dim(a, block[0], block[1], lab.index(r)), lab) for a, lab in fs]
-        ((a, lab),) = fs if len(fs) == 1 else [(None, ())]
-        if a is not None and a.ndim == 3 and lab == (out[1], out[0], r):
-            x = a  # symmetric in its two legs: the other order is the same array
+            fs = [(jax.lax.dynamic_slice_in_dim(a, *block, lab.index(r)), lab) for a, lab in fs]
+        if len(fs) == 1 and fs[0][0].ndim == 3 and fs[0][1] == (out[1], out[0], r):
+            x = fs[0][0]  # symmetric in its two legs: the other order is the same array
         else:
             x = _plain_einsum(fs, out + (r,))
         return jnp.reshape(x, (math.prod(dims[l] for l in out), x.shape[-1]))
@@ -254,14 +253,18 @@ def _run_rank_gemm(plan: RankGemm, arrays: Sequence[Array], labels, kept, r: int
         return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
 
     R = dims[r]
-    c = _rank_chunk(R, n) if plan.blocked else R
-    if c == R:
-        out = gemm()
-    else:
-        out = jax.lax.fori_loop(1, R // c, lambda i, acc: acc + gemm((i * c, c)), gemm((0, c)))
+    out = _sum_over_rank_blocks(gemm, R, _rank_chunk(R, n) if plan.blocked else R)
     got = plan.left_labels + plan.right_labels
     out = jnp.reshape(out, tuple(dims[l] for l in got))
     return jnp.transpose(out, tuple(got.index(l) for l in kept))
+
+
+def _sum_over_rank_blocks(term, R: int, c: int) -> Array:
+    """``sum_i term((i c, c))`` over the ``R // c`` blocks of c ranks under a loop, or
+    ``term(None)`` (all ranks at once) when ``c == R``."""
+    if c == R:
+        return term(None)
+    return jax.lax.fori_loop(1, R // c, lambda i, acc: acc + term((i * c, c)), term((0, c)))
 
 
 def _plain_einsum(factors, out) -> Array:
@@ -289,15 +292,14 @@ def _summed_over_rank_blocks(factors, kept: tuple[int, ...], n: int) -> Array:
             return jnp.einsum(expr, *arrays, optimize="auto")
         axes = [lab.index(r) if r in lab else None for lab in labels]
         R = next(a.shape[ax] for a, ax in zip(arrays, axes) if ax is not None)
-        c = _rank_chunk(R, n)
-        if c == R:
-            return jnp.einsum(expr, *arrays, optimize="auto")
 
-        def block(i):
-            parts = [a if ax is None else jax.lax.dynamic_slice_in_dim(a, i * c, c, ax) for a, ax in zip(arrays, axes)]
+        def block(b=None):
+            parts = [
+                a if ax is None or b is None else jax.lax.dynamic_slice_in_dim(a, *b, ax) for a, ax in zip(arrays, axes)
+            ]
             return jnp.einsum(expr, *parts, optimize="auto")
 
-        return jax.lax.fori_loop(1, R // c, lambda i, acc: acc + block(i), block(0))
+        return _sum_over_rank_blocks(block, R, _rank_chunk(R, n))
 
     return _sharded(summed, factors, r, None)
 

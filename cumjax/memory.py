@@ -42,15 +42,19 @@ def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, item
     # Below the top degree at the output, the last hidden layer's top cumulant is dead code under
     # jit, so the two layers before it are the largest live ones.
     live_ranks = ranks[-2:] if everything or len(ranks) < 2 else ranks[-3:-1]
-    # Input, output and working copies of the factors (contractions are summed over blocks of n
-    # ranks, so their temporaries are small); the multiples are calibrated on XLA's buffer
-    # assignment (README, "Memory"; experiments/bench_memory.py).
-    copies = {(3, "simple"): 3, (3, "augment"): 6, (4, "simple"): 0.5, (4, "augment"): 0.95}[(k, config.kind)]
+    # Per (k, term set): live copies of those factors (contractions are summed over blocks of n
+    # ranks, so their temporaries are small) and order k-1 working slices (at k = 4 the n^3 slices
+    # of the step, not the factors, are most of the peak until the rank passes ~50n); calibrated on
+    # XLA's buffer assignment (README, "Memory"; experiments/bench_memory.py).
+    copies, slices = {
+        (3, "simple"): (3, 12),
+        (3, "augment"): (6, 24),
+        (4, "simple"): (0.5, 26),
+        (4, "augment"): (0.95, 62),
+    }[(k, config.kind)]
     live = copies * part * sum(live_ranks)
-    # order k-1 working slices (at k = 4 the n^3 slices of the step, not the factors, are most of
-    # the peak until the rank passes ~50n); the bounded mode also caches the dropped blocks' slices
-    per_slice = {(3, "simple"): 12, (3, "augment"): 24, (4, "simple"): 26, (4, "augment"): 62}[(k, config.kind)]
-    dense = (per_slice + (12 if config.rank_layers else 0)) * n ** (k - 1)
+    # the bounded mode also caches the dropped blocks' slices
+    dense = (slices + (12 if config.rank_layers else 0)) * n ** (k - 1)
     stored = 2 * part * sum(ranks) if everything else 0
     return int((live + dense + stored + num_layers * n * n) * itemsize)
 
