@@ -402,14 +402,25 @@ class FactoredTensor:
     degree is ``sum(legs)``. k = 3: legs (1, 1, 1); k = 4: legs (1, 1, 2).
     blocks: static sizes of consecutive rank blocks summing to R, oldest first (the propagation
     appends one per hidden layer; :meth:`split_blocks` separates the oldest). Default: one block.
+    eye: static ``(part, offset)`` of the one-leg parts whose ranks ``offset .. offset + n`` hold
+    the identity matrix (the ``e_i`` legs of the rank-n blocks a nonlinear step creates): the next
+    linear map writes ``W^T`` there instead of multiplying by the identity.
     """
 
-    def __init__(self, parts: Sequence[Array], legs: tuple[int, ...], n: int, blocks: tuple[int, ...] | None = None):
+    def __init__(
+        self,
+        parts: Sequence[Array],
+        legs: tuple[int, ...],
+        n: int,
+        blocks: tuple[int, ...] | None = None,
+        eye: tuple[tuple[int, int], ...] = (),
+    ):
         self.parts, self.legs, self.n = tuple(parts), tuple(legs), n
         self.blocks = (self.rank,) if blocks is None else tuple(blocks)
+        self.eye = tuple(eye)
 
     def tree_flatten(self):
-        return self.parts, (self.legs, self.n, self.blocks)
+        return self.parts, (self.legs, self.n, self.blocks, self.eye)
 
     @classmethod
     def tree_unflatten(cls, aux, children):
@@ -436,27 +447,34 @@ class FactoredTensor:
             self.legs,
             self.n,
             self.blocks + other.blocks,
+            self.eye + tuple((p, o + self.rank) for p, o in other.eye),
         )
 
     def merged_blocks(self, keep: int) -> FactoredTensor:
         """The same tensor with every rank block after the first ``keep`` merged into one."""
-        return FactoredTensor(self.parts, self.legs, self.n, self.blocks[:keep] + (sum(self.blocks[keep:]),))
+        return FactoredTensor(self.parts, self.legs, self.n, self.blocks[:keep] + (sum(self.blocks[keep:]),), self.eye)
 
     def split_blocks(self, num_old: int) -> tuple[FactoredTensor, FactoredTensor]:
         """``(oldest num_old blocks, the rest)``: two tensors that sum to this one (the first
         has rank 0 when num_old is 0)."""
         r = sum(self.blocks[:num_old])
         old, new = ([p[..., :r] for p in self.parts], [p[..., r:] for p in self.parts])
+        assert all(o + self.n <= r or o >= r for _, o in self.eye), "an identity chunk straddles the split"
         return (
-            FactoredTensor(old, self.legs, self.n, self.blocks[:num_old]),
-            FactoredTensor(new, self.legs, self.n, self.blocks[num_old:]),
+            FactoredTensor(old, self.legs, self.n, self.blocks[:num_old], tuple(e for e in self.eye if e[1] < r)),
+            FactoredTensor(
+                new, self.legs, self.n, self.blocks[num_old:], tuple((p, o - r) for p, o in self.eye if o >= r)
+            ),
         )
 
     def linear(self, W: Array) -> FactoredTensor:
         """The cumulant of ``x @ W``: every leg contracted with W (O(n_in n_out R) per leg)."""
         parts = []
-        for p, l in zip(self.parts, self.legs):
-            if l == 1:
+        for i, (p, l) in enumerate(zip(self.parts, self.legs)):
+            eyes = sorted(o for q, o in self.eye if q == i)
+            if l == 1 and eyes and _rank_mesh.get() is None:
+                parts.append(_linear_skipping_eye(W, p, eyes))
+            elif l == 1:
                 parts.append(_on_rank_shards(lambda b: W.T @ b, p))
             else:  # (n, n, R): W^T B_r W for every rank, one block of ranks at a time
                 parts.append(
@@ -465,7 +483,8 @@ class FactoredTensor:
         return FactoredTensor(parts, self.legs, W.shape[1], self.blocks)
 
     def scale_legs(self, v: Array, coef=1.0) -> FactoredTensor:
-        """``coef * T * (v (x) ... (x) v)`` (the same per-neuron factor on every leg)."""
+        """``coef * T * (v (x) ... (x) v)`` (the same per-neuron factor on every leg; identity
+        chunks are scaled too, so none is left)."""
         parts = []
         for i, (p, l) in enumerate(zip(self.parts, self.legs)):
             for t in range(l):
@@ -591,7 +610,7 @@ def refactor(slices: dict[tuple[int, ...], Array], k: int, n: int, dtype) -> Fac
     if k == 3:
         # Sym(e_i e_i c_i): entry (i,i,j) is c_i[j] / 3 and (i,i,i) is c_i[i].
         c = 3.0 * slices[(2, 1)].T + jnp.diag(slices[(3,)])
-        return FactoredTensor((eye, eye, c), (1, 1, 1), n)
+        return FactoredTensor((eye, eye, c), (1, 1, 1), n, eye=((0, 0), (1, 0)))
     if k == 4:
         # Sym(e_i e_i B_i) with B_i symmetric: (i,i,j,l) -> B_i[j,l]/6, (i,i,j,j) -> (B_i[j,j]
         # + B_j[i,i])/6, (i,i,i,j) -> B_i[i,j]/2, (i,i,i,i) -> B_i[i,i].
@@ -602,7 +621,7 @@ def refactor(slices: dict[tuple[int, ...], Array], k: int, n: int, dtype) -> Fac
         B = B.at[i, :, i].add(2.0 * slices[(3, 1)])  # B[r, b, r] += 2 S31[r, b]
         B = B.at[:, i, i].add(2.0 * slices[(3, 1)].T)  # B[a, r, r] += 2 S31[r, a]
         B = B.at[i, i, i].add(slices[(4,)])
-        return FactoredTensor((eye, eye, materialize(B)), legs_for(4), n)
+        return FactoredTensor((eye, eye, materialize(B)), legs_for(4), n, eye=((0, 0), (1, 0)))
     raise ValueError(f"factored tensors exist for k = 3, 4, not {k}")
 
 
@@ -622,4 +641,19 @@ def from_leaf_groups(groups: Sequence[tuple[Array, Array]], k: int, n: int) -> F
         return materialize(0.5 * jnp.moveaxis(materialize(X + jnp.swapaxes(X, 1, 2)), 0, -1))
 
     parts = [(E, eye, rest(X)) for E, X in groups]
-    return FactoredTensor([_concat_ranks(ps) for ps in zip(*parts)], legs_for(k), n)
+    eyes = tuple((1, g * n) for g in range(len(groups)))
+    return FactoredTensor([_concat_ranks(ps) for ps in zip(*parts)], legs_for(k), n, eye=eyes)
+
+
+def _linear_skipping_eye(W: Array, p: Array, eyes: Sequence[int]) -> Array:
+    """``W^T @ p`` for an ``(n, R)`` part whose ranks ``o .. o + n`` (o in ``eyes``) hold the
+    identity: ``W^T`` itself there, matrix products only for the other ranks."""
+    n, pieces, start = p.shape[0], [], 0
+    for o in eyes:
+        if o > start:
+            pieces.append(W.T @ p[:, start:o])
+        pieces.append(W.T.astype(p.dtype))
+        start = o + n
+    if start < p.shape[1]:
+        pieces.append(W.T @ p[:, start:])
+    return _concat_ranks(pieces)

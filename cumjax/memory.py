@@ -84,12 +84,13 @@ def check_memory(width: int, num_layers: int, config: PropagationConfig, itemsiz
     if config.is_factored:
         raise MemoryError(
             f"factored propagation at width {width}, k_max={config.k_max}, {num_layers} layers needs about "
-            f"{need / 2**30:.1f} GiB (rank-R factors, R growing ~width per layer), more than this machine has "
-            f"free ({have / 2**30:.1f} GiB); use a smaller width, depth or k_max, or output_degree=1"
+            f"{need / 2**30:.1f} GiB (rank-R factors, R growing ~width per layer), more than 80% of the "
+            f"{have / 2**30:.1f} GiB this machine has free now; use a smaller width, depth or k_max, or "
+            f"output_degree=1"
         )
     raise MemoryError(
         f"unfactored propagation at width {width}, k_max={config.k_max} needs about {need / 2**30:.1f} GiB "
-        f"(dense order-{config.k_max} cumulants, O(width^{config.k_max})), more than this machine has free "
-        f"({have / 2**30:.1f} GiB); use a smaller width or k_max, or the low-rank factored k=3/4 "
-        f"variant (factored=True) that removes a factor of width"
+        f"(dense order-{config.k_max} cumulants, O(width^{config.k_max})), more than 80% of the "
+        f"{have / 2**30:.1f} GiB this machine has free now; use a smaller width or k_max, or the low-rank "
+        f"factored k=3/4 variant (factored=True) that removes a factor of width"
     )

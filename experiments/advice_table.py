@@ -21,18 +21,14 @@ OUT = os.path.join(os.path.dirname(__file__), "..", "cumjax", "data", "advice.js
 
 
 def merge(old: dict, new: dict) -> dict:
-    """``new`` plus the widths of ``old`` that ``new`` does not measure (a sweep run one width at
-    a time, ``mse_vs_depth.py --widths``); both from the same activation and depth."""
+    """``new`` plus every (variant, width) of ``old`` that ``new`` does not measure (a sweep run one
+    width or one variant at a time, ``mse_vs_depth.py --widths`` / ``--only``); both from the same
+    activation and depth (and so the same networks' layer variances)."""
     if (old["activation"], old["depth_max"]) != (new["activation"], new["depth_max"]):
         raise ValueError("--merge needs a table of the same activation and depth")
-    out = dict(new, variance=dict(new["variance"]), variants={k: dict(v) for k, v in new["variants"].items()})
-    for w, var in old["variance"].items():
-        if w in new["variance"]:
-            continue
-        out["variance"][w] = var
-        for name, per_width in old["variants"].items():
-            if w in per_width:
-                out["variants"].setdefault(name, {})[w] = per_width[w]
+    out = dict(new, variance=dict(old["variance"], **new["variance"]), variants={})
+    for name in dict.fromkeys([*old["variants"], *new["variants"]]):
+        out["variants"][name] = dict(old["variants"].get(name, {}), **new["variants"].get(name, {}))
     return out
 
 
@@ -55,7 +51,8 @@ def build(scores: dict) -> dict:
             layers = r["layers"]
             table["variance"].setdefault(str(w), [q["output_variance"] for q in layers])
             table["variants"].setdefault(name, {})[str(w)] = dict(
-                mse=[q["excess"] if q["resolved"] else q["mse_upper"] for q in layers],
+                # null where the estimator diverged: cj.advise never offers it there
+                mse=[None if q.get("diverged") else q["excess"] if q["resolved"] else q["mse_upper"] for q in layers],
                 bound=[not q["resolved"] for q in layers],
                 flops=[q["flops"] for q in layers],
             )
@@ -66,7 +63,11 @@ def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--scores", required=True, help="a mse_vs_depth_<name>.json")
     p.add_argument("--out", default=OUT)
-    p.add_argument("--merge", action="store_true", help="keep the widths of the existing --out table the scores lack")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the (variant, width) entries of the existing --out table the scores lack",
+    )
     p.add_argument("--budgets", default="1e6,1e8,1e10,1e12")
     p.add_argument("--depths", default="2,4,8,16")
     args = p.parse_args(argv)

@@ -7,11 +7,13 @@ with the ground truth's noise floor subtracted (an upper bound where not resolve
 Monte-Carlo-FLOP-equivalence ratio against sampling the first ``l + 1`` layers, with the
 estimator's FLOPs counted on the same truncated network. Per variant: a fit of log MSE against
 log(layer + 1) over the resolved layers, and the first layer at which sampling wins at equal FLOPs
-(the ratio falls below 1) -- the headline.
+(the ratio falls below 1) -- the headline. A layer where the estimate of some network is not
+finite has diverged: it is scored as an infinite error (sampling wins there at any budget).
 
     python experiments/mse_vs_depth.py --config configs/mse_vs_depth_smoke.json --out results/
 
-Writes ``<out>/mse_vs_depth_<name>.json`` after every ground truth and variant (a rerun resumes;
+``--widths`` and ``--only REGEX`` run a part of the sweep into the same store (the rest keep their
+rows). Writes ``<out>/mse_vs_depth_<name>.json`` after every ground truth and variant (a rerun resumes;
 estimates in ``<out>/mse_vs_depth_<name>_estimates.json``, ground truths in ``<out>/gt_cache``)
 and ``<out>/mse_vs_depth_<name>.png`` (MSE vs layer and ratio vs layer, one column per width).
 """
@@ -95,24 +97,39 @@ def excluded(cfg, width: int, name: str) -> str | None:
 
 
 def score(cfg, spec, est, truth, fl) -> list[dict]:
-    """Per layer: :func:`compare_to_truth` against sampling the first ``l + 1`` layers."""
+    """Per layer: :func:`compare_to_truth` against sampling the first ``l + 1`` layers. A layer
+    where the estimate of any network is not finite (NaN in ``est``) has diverged: its error is
+    infinite, and sampling wins there at any budget (ratio 0)."""
     mean, sem, n, _ = truth
     rows = []
     for l in range(spec.num_layers):
         fwd = cj.forward_flops(truncated(spec, l + 1))
+        if not np.all(np.isfinite(est[:, l])):
+            inf = float("inf")
+            bad = int(np.sum(~np.all(np.isfinite(est[:, l]), axis=-1)))
+            floor = float(np.mean(np.asarray(sem[:, l], np.float64) ** 2))
+            rows.append(
+                dict(layer=l, diverged=bad, resolved=True, excess=inf, excess_se=0.0, mse=inf, noise_floor=floor)
+                | dict(output_variance=floor * n, flops=float(fl[l]), forward_flops=float(fwd))
+                | dict(ratio=0.0, ratio_low=0.0, ratio_high=0.0)
+            )
+            continue
         rows.append(dict(layer=l, **compare_to_truth(est[:, l], mean[:, l], sem[:, l], n, fl[l], fwd)))
     return rows
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Fit of log MSE vs log(layer + 1) over resolved layers; the first layer sampling wins."""
-    res = [r for r in rows if r["resolved"]]
+    """Fit of log MSE vs log(layer + 1) over resolved finite layers; the first layer sampling
+    wins (a diverged layer counts as won by sampling)."""
+    res = [r for r in rows if r["resolved"] and not r.get("diverged")]
     fit = fit_power_law([r["layer"] + 1 for r in res], [r["excess"] for r in res])
     loses = [r["layer"] for r in rows if r["resolved"] and r["ratio_high"] < 1]
+    diverged = [r["layer"] for r in rows if r.get("diverged")]
     return dict(
         fit=dict(fit, layers=[r["layer"] for r in res]),
         first_layer_sampling_wins=loses[0] if loses else None,
         deepest_resolved=res[-1]["layer"] if res else None,
+        first_layer_diverged=diverged[0] if diverged else None,
     )
 
 
@@ -136,6 +153,10 @@ def run(cfg, args) -> dict:
         for config in variants(cfg):
             key = f"n{w}/{config.name}"
             old = store.entries.get(key)
+            if args.only and not re.search(args.only, key):
+                if old is not None:
+                    print_row(old)
+                continue
             if old is not None and old.get("status") == "ok" and not (args.redo and re.search(args.redo, key)):
                 print_row(old)
                 continue
@@ -146,14 +167,17 @@ def run(cfg, args) -> dict:
                 continue
             r = est_store.entries.get(key)
             if r is None or r.get("status") != "ok" or (args.redo and re.search(args.redo, key)):
-                r = mvf.run_variant(cfg, spec, params, config, (est_store, f"{key}#partial"), estimate=layer_means)
+                r = mvf.run_variant(
+                    cfg, spec, params, config, (est_store, f"{key}#partial"), estimate=layer_means, nonfinite_ok=True
+                )
                 if r["status"] == "ok":
-                    r = dict(r, estimates=r["estimates"].tolist(), layer_flops=layer_flops(cfg, spec, params, config))
+                    est = np.where(np.isfinite(r["estimates"]), r["estimates"], None)  # JSON null where diverged
+                    r = dict(r, estimates=est.tolist(), layer_flops=layer_flops(cfg, spec, params, config))
                 est_store.put(key, r)
             if r["status"] != "ok":
                 store.put(key, dict(estimator=config.name, width=w, **r))
             else:
-                rows = score(cfg, spec, np.asarray(r["estimates"]), truth, r["layer_flops"])
+                rows = score(cfg, spec, np.asarray(r["estimates"], np.float64), truth, r["layer_flops"])
                 store.put(
                     key,
                     dict(
@@ -179,7 +203,10 @@ def print_row(r: dict) -> None:
         return
     cells = []
     for q in r["layers"]:
-        cells.append(f"{q['excess']:.1e}" if q["resolved"] else f"<{q['mse_upper']:.0e}")
+        if q.get("diverged"):
+            cells.append(f"nan({q['diverged']})")  # networks whose estimate is not finite
+        else:
+            cells.append(f"{q['excess']:.1e}" if q["resolved"] else f"<{q['mse_upper']:.0e}")
     f, lose = r["fit"], r["first_layer_sampling_wins"]
     print(head + " ".join(cells), flush=True)
     print(
@@ -210,7 +237,7 @@ def plot(store: ResultStore, cfg: dict, path: str) -> None:
             if not r or r.get("status") != "ok":
                 continue
             c, ls = f"C{i % 10}", "--" if config.avg_metric else "-"
-            res = [q for q in r["layers"] if q["resolved"]]
+            res = [q for q in r["layers"] if q["resolved"] and not q.get("diverged")]
             up = [q for q in r["layers"] if not q["resolved"]]
             top.errorbar(
                 [q["layer"] for q in res],
@@ -248,6 +275,7 @@ def main(argv=None) -> dict:
     )
     p.add_argument("--out", default="results")
     p.add_argument("--redo", default=None, help="regex: recompute the variants whose key (n<width>/<name>) matches")
+    p.add_argument("--only", default=None, help="regex: run now only the variants whose key (n<width>/<name>) matches")
     p.add_argument(
         "--widths",
         default=None,

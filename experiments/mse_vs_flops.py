@@ -147,10 +147,13 @@ def flop_report(cfg, spec, params, config: cj.PropagationConfig) -> dict:
     return dict(analytic=cj.estimator_flops(single, spec, g, config))
 
 
-def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None, estimate=cj.estimate_mean) -> dict:
+def run_variant(
+    cfg, spec, params, config: cj.PropagationConfig, checkpoint=None, estimate=cj.estimate_mean, nonfinite_ok=False
+) -> dict:
     """Estimates (B, ...) of one variant for every network (``estimate(params, spec, gaussian,
     config)``, default the output mean), its FLOPs and times; or ``{"status": "skipped", "reason":
-    ...}`` when the memory guard refuses it.
+    ...}`` when the memory guard refuses it, ``{"status": "failed", ...}`` when an estimate is not
+    finite (unless ``nonfinite_ok``: the caller scores where the estimator diverged).
     checkpoint: ``(store, key)``: the estimates of every finished group of networks (one network
     per group where they are too large to vmap together) are saved under ``key + "#partial"`` and a
     rerun starts after them (an interrupted hour-long variant loses at most one group)."""
@@ -203,7 +206,7 @@ def run_variant(cfg, spec, params, config: cj.PropagationConfig, checkpoint=None
         return dict(status="skipped", reason=f"out of memory at run time: {str(e)[:300]}")
     if store is not None:
         store.entries.pop(pkey, None)
-    if not np.all(np.isfinite(est)):
+    if not (nonfinite_ok or np.all(np.isfinite(est))):
         return dict(status="failed", reason="non-finite estimate")
     if resume and not compiled:  # every network was done before: report that run's compile time
         compile_s = old.get("compile_s", 0.0)

@@ -15,7 +15,8 @@ samples), checked against ``validate_samples`` plain samples wherever those see 
 
     python experiments/rare_events.py --config configs/rare_events_full.json --out results/
 
-Writes ``<out>/rare_events_<name>.json`` (every unit of work saved atomically; reruns resume) and
+Writes ``<out>/rare_events_<name>.json`` (every unit of work saved atomically; reruns resume, also
+after estimators are added to the config) and
 ``<out>/rare_events_<name>.png`` (relative error vs probability).
 """
 
@@ -73,7 +74,11 @@ def main(argv=None) -> dict:
     check_config(cfg)
     enable_x64()  # float64 sums and estimates; sampling forward in float32
     name = cfg["name"]
-    store = ResultStore(os.path.join(args.out, f"{name}.json"), meta=cfg)
+    # Estimators are stored one by one under their own names, so adding one to the list keeps the
+    # moments, ground truth and validation already computed (any other change starts over).
+    store = ResultStore(
+        os.path.join(args.out, f"{name}.json"), meta={k: v for k, v in cfg.items() if k != "estimators"}
+    )
     n, layer = cfg["width"], cfg["layer"]
     spec, params = network(cfg["seed"], n, layer + 1, "relu", dtype=jnp.float64)
     g = cj.Gaussian.standard(n, jnp.float64)
@@ -126,7 +131,10 @@ def main(argv=None) -> dict:
                 mc_estimate=mc.mean.tolist(),
             )
 
-        store.get_or_compute(f"est_{conf.name}", run)
+        try:
+            store.get_or_compute(f"est_{conf.name}", run)
+        except MemoryError as err:  # the memory guard, before any work: not stored, a rerun retries it
+            tqdm.write(f"{conf.name}: not run now: {err}")
 
     # --- ground truth: importance sampling, one neuron at a time (resumable)
     for i in tqdm(truth_idx, desc="importance sampling"):
@@ -212,6 +220,8 @@ def summarise(cfg, store, levels, truth_idx, val, per_sample) -> dict:
     rows = []
     for e in cfg["estimators"]:
         name = cj.PropagationConfig(**e).name
+        if f"est_{name}" not in store:  # refused by the memory guard this time
+            continue
         r = store[f"est_{name}"]
         est = np.asarray(r["estimate"])[:, truth_idx]
         mc = np.asarray(r["mc_estimate"])[:, truth_idx]

@@ -342,3 +342,34 @@ def test_rank_sharding_over_four_host_devices_equals_one_device():
     env = dict(os.environ, PYTHONPATH=os.path.join(os.path.dirname(__file__), ".."))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert out.returncode == 0 and "OK" in out.stdout, out.stderr[-3000:]
+
+
+@pytest.mark.parametrize("k", [3, 4])
+def test_linear_writes_W_into_identity_chunks(k):
+    """The e_i legs of fresh rank blocks (re-factored slices, leaf groups) are identity chunks: the
+    linear map writes W^T there (the same tensor as multiplying) and saves 2 n n_out n FLOPs each;
+    concat and split keep the chunks' offsets."""
+    n, m = 6, 5
+    rng = np.random.default_rng(3)
+    sym = lambda a: a + np.swapaxes(a, 0, 1)  # noqa: E731
+    old_parts = [rng.normal(size=(n, n)), rng.normal(size=(n, n))]
+    old_parts.append(rng.normal(size=(n, n)) if k == 3 else sym(rng.normal(size=(n, n, n))))
+    old = FactoredTensor([jnp.asarray(p) for p in old_parts], lowrank.legs_for(k), n)
+    slices = {b: jnp.asarray(rng.normal(size=(n,) * len(b))) for b in dg.int_partitions(k) if len(b) < k}
+    slices = {b: zero_coincident(a) if len(b) > 1 else a for b, a in slices.items()}
+    leaves = lowrank.from_leaf_groups(
+        [(jnp.asarray(rng.normal(size=(n, n))), jnp.asarray(rng.normal(size=(n,) * (k - 1))))], k, n
+    )
+    t = old.concat(refactor(slices, k, n, jnp.float64)).concat(leaves)
+    assert t.eye == ((0, n), (1, n), (1, 2 * n))
+    plain = FactoredTensor(t.parts, t.legs, n, t.blocks)
+    W = jnp.asarray(rng.normal(size=(n, m)))
+    got, want = t.linear(W), plain.linear(W)
+    for a, b in zip(got.parts, want.parts):
+        np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
+    assert got.eye == ()
+    flops = lambda f: cj.jaxpr_flops(lambda w: f.linear(w).parts, W).matmul  # noqa: E731
+    saved = flops(plain) - flops(t)
+    assert saved == 3 * 2 * n * m * n
+    first, rest = t.split_blocks(1)
+    assert first.eye == () and rest.eye == ((0, 0), (1, 0), (1, n))

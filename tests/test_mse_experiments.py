@@ -273,3 +273,41 @@ def test_mse_vs_depth_smoke_and_resume(tmp_path, monkeypatch):
     assert json.dumps(one["entries"]) == json.dumps(data["entries"])
     with pytest.raises(ValueError, match="among the config's widths"):
         mvd.main(args + ["--widths", "9"])
+    # one variant alone into a fresh store (after the cached ground truth): the same row as the
+    # full run's, and no other variant in it
+    only = tmp_path / "only"
+    only.mkdir()
+    (only / "gt_cache").symlink_to(tmp_path / "gt_cache")
+    key = f"n{cfg['widths'][0]}/k3_simple_fac"
+    got = mvd.main(["--config", CFG("mse_vs_depth_smoke"), "--out", str(only), "--no-progress", "--only", f"^{key}$"])
+    assert {k for k in got["entries"] if not k.endswith("/truth")} == {key}
+    assert json.dumps(got["entries"][key]["layers"]) == json.dumps(data["entries"][key]["layers"])
+
+
+def test_mse_vs_depth_scores_a_diverged_layer():
+    """A layer where an estimate is not finite: infinite error, sampling wins there, left out of
+    the fit, and never offered by the advice table."""
+    import advice_table
+    import mse_vs_depth as mvd
+
+    B, L, n, N = 3, 4, 8, 4096
+    spec = mvf.make_spec(n, L, "relu")
+    rng = np.random.default_rng(0)
+    mean = rng.normal(size=(B, L, n))
+    sem = np.full((B, L, n), 1e-3)
+    est = mean + 0.1 * (np.arange(L)[None, :, None] + 1) * rng.normal(size=(B, L, n))  # resolved, growing
+    est[1, 3, 2] = np.nan  # network 1 diverges at the last layer
+    fl = [1e3 * (l + 1) for l in range(L)]
+    rows = mvd.score({}, spec, est, (mean, sem, N, 0.0), fl)
+    assert [r.get("diverged", 0) for r in rows] == [0, 0, 0, 1]
+    last = rows[-1]
+    assert last["excess"] == np.inf and last["ratio_high"] == 0.0 and last["output_variance"] == pytest.approx(1e-6 * N)
+    s = mvd.summarize(rows)
+    assert s["first_layer_diverged"] == 3 and s["fit"]["layers"] == [0, 1, 2]
+    assert s["first_layer_sampling_wins"] is not None and s["first_layer_sampling_wins"] <= 3
+    mvd.print_row(dict(estimator="x", status="ok", layers=rows, **s))  # prints, does not fail on inf
+    meta = dict(name="t", layers=L, widths=[n], activation="relu", networks=B, gt_samples=N)
+    table = advice_table.build(dict(meta=meta, entries={f"n{n}/x": dict(status="ok", layers=rows)}))
+    assert table["variants"]["x"][str(n)]["mse"][3] is None and table["variants"]["x"][str(n)]["mse"][2] > 0
+    names = {o.name for o in cj.advise(n, L, 1e12, table).options}
+    assert "x" not in names and "x" in {o.name for o in cj.advise(n, L - 1, 1e12, table).options}

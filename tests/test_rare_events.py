@@ -12,7 +12,7 @@ from goldens import golden_files
 from scipy import stats
 
 import cumjax as cj
-from cumjax import importance, tails
+from cumjax import importance, propagation, tails
 
 ROOT = os.path.join(os.path.dirname(__file__), "..")
 
@@ -177,6 +177,8 @@ def test_rare_events_smoke_end_to_end_and_resume(tmp_path, monkeypatch):
     v = saved["summary"]["validation"]
     assert v["compared"] >= 4 and v["max_abs_z"] < 4  # importance sampling vs plain sampling, both unbiased
 
+    tail_monte_carlo, tail_flops = tails.tail_monte_carlo, tails.tail_flops
+
     def boom(*a, **k):
         raise AssertionError("resumed run recomputed sampled work")
 
@@ -187,6 +189,27 @@ def test_rare_events_smoke_end_to_end_and_resume(tmp_path, monkeypatch):
     again = rare_events.main(["--config", cfg, "--out", str(tmp_path)])
     assert again["entries"].keys() == first["entries"].keys()
     assert again["summary"] == first["summary"]
+    # an estimator added to the config: only it runs (the sampled work above is still forbidden
+    # apart from its own equal-FLOP Monte Carlo), the other rows stay as they were
+    monkeypatch.setattr(tails, "tail_monte_carlo", tail_monte_carlo)
+    monkeypatch.setattr(tails, "tail_flops", tail_flops)
+    more = json.loads(open(cfg).read())
+    more["estimators"] += [{"k_max": 2, "kind": "augment"}, {"k_max": 3, "kind": "simple"}]
+    (tmp_path / "more.json").write_text(json.dumps(more))
+    check = propagation.check_memory
+
+    def guard(width, layers, config, itemsize):  # k3 refused by the memory guard: skipped, not stored
+        if config.k_max == 3:
+            raise MemoryError("refused")
+        check(width, layers, config, itemsize)
+
+    monkeypatch.setattr(propagation, "check_memory", guard)
+    grown = rare_events.main(["--config", str(tmp_path / "more.json"), "--out", str(tmp_path)])
+    assert grown["entries"].keys() == first["entries"].keys() | {"est_k2_augment"}
+    got = {r["estimator"]: r for r in grown["summary"]["rows"]}
+    assert got.keys() == {"k1_simple", "k2_simple", "k2_augment"}
+    for r in first["summary"]["rows"]:
+        assert got[r["estimator"]] == r
 
 
 def test_per_decade_groups_pairs_by_true_probability():
