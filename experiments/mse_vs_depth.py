@@ -104,14 +104,25 @@ def score(cfg, spec, est, truth, fl) -> list[dict]:
     rows = []
     for l in range(spec.num_layers):
         fwd = cj.forward_flops(truncated(spec, l + 1))
-        if not np.all(np.isfinite(est[:, l])):
-            inf = float("inf")
-            bad = int(np.sum(~np.all(np.isfinite(est[:, l]), axis=-1)))
+        finite = np.all(np.isfinite(est[:, l]), axis=-1)  # per network
+        if not finite.all():
             floor = float(np.mean(np.asarray(sem[:, l], np.float64) ** 2))
             rows.append(
-                dict(layer=l, diverged=bad, resolved=True, excess=inf, excess_se=0.0, mse=inf, noise_floor=floor)
-                | dict(output_variance=floor * n, flops=float(fl[l]), forward_flops=float(fwd))
-                | dict(ratio=0.0, ratio_low=0.0, ratio_high=0.0)
+                dict(
+                    layer=l,
+                    diverged=int((~finite).sum()),
+                    resolved=True,
+                    excess=float("inf"),
+                    excess_se=0.0,
+                    mse=float("inf"),
+                    noise_floor=floor,
+                    output_variance=floor * n,
+                    flops=float(fl[l]),
+                    forward_flops=float(fwd),
+                    ratio=0.0,
+                    ratio_low=0.0,
+                    ratio_high=0.0,
+                )
             )
             continue
         rows.append(dict(layer=l, **compare_to_truth(est[:, l], mean[:, l], sem[:, l], n, fl[l], fwd)))
