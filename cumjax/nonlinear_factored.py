@@ -35,6 +35,27 @@ def _diagram_classes(
     return tuple((coef * count, blocks) for (coef, blocks), count in sorted(classes.items()))
 
 
+def _tied_scale(fs) -> list | None:
+    """For a k = 3 term split at leaf slot 0 (neighbour 1): the factors on slot 1 alone that
+    make its rest the leaf factor again, ``X[r, j] = s[r] E[j, r]`` (the factors touching 0 moved
+    to slot 2, times ``s``), or None when the rest is not of that form."""
+    move = lambda lab, sym: (
+        tuple(sorted(2 if l == 0 else l for l in lab)) if sym else tuple(2 if l == 0 else l for l in lab)
+    )  # noqa: E731
+    wanted = Counter((id(a), move(lab, sym)) for a, lab, sym in fs if 0 in lab)
+    scale = []
+    for a, lab, _ in fs:
+        if 0 in lab:
+            continue
+        if wanted[(id(a), lab)] > 0:
+            wanted[(id(a), lab)] -= 1
+        elif set(lab) == {1}:
+            scale.append((a, lab))
+        else:
+            return None
+    return scale if not +wanted else None
+
+
 class FactoredStep(NonlinearStep):
     """The nonlinear step with the top degree k = k_max (3 or 4) in low-rank form.
 
@@ -223,20 +244,27 @@ class FactoredStep(NonlinearStep):
                     term = term * self.block_net(v)
                 for c, fs in term.terms:
                     self._add_leaf_term(groups, c, fs)
-            leaves = (
-                from_leaf_groups([(contract(E, (0, 1), n, self.mean.dtype), X) for E, X in groups.values()], k, n)
-                if groups
-                else None
+            if not groups:
+                return coefs, None
+            dt = self.mean.dtype
+            # k = 3 terms whose rest is the leaf factor again times a per-neuron scale (the chain
+            # through a repeated block, e.g. simple's w1 K w2 K w1): stored as E (x) E (x) s e.
+            tied = all(s is not None for _, terms in groups.values() for _, _, s in terms)
+            rest = (
+                (lambda terms: sum(c * (contract(s, (1,), n, dt) if s else jnp.ones(n, dt)) for c, _, s in terms))
+                if tied
+                else (lambda terms: sum(c * contract(X, range(1, k), n, dt) for c, X, _ in terms))
             )
-            return coefs, leaves
+            leaves = [(contract(E, (0, 1), n, dt), rest(terms)) for E, terms in groups.values()]
+            return coefs, from_leaf_groups(leaves, k, n, tied=tied)
 
         return self._cached(("top parts",), build)
 
     def _add_leaf_term(self, groups, c, fs):
         """Split a hypertree term at a leaf slot i (all its factors within one pair {i, j}):
-        relabel i -> 0, j -> 1, and add ``c * X`` (the rest, dense over slots 1..k-1) to the
-        group of its leaf factor E (the factors on {0, 1} touching 0)."""
-        k, n = self.k, self.n
+        relabel i -> 0, j -> 1, and add ``(c, X, s)`` (X: the rest, over slots 1..k-1; s: see
+        :func:`_tied_scale`) to the group of its leaf factor E (the factors on {0, 1} touching 0)."""
+        k = self.k
         nbrs = {i: set() for i in range(k)}
         for _, lab, _ in fs:
             for i in lab:
@@ -252,11 +280,7 @@ class FactoredStep(NonlinearStep):
         E = [(a, lab) for a, lab, _ in fs if 0 in lab]
         X = [(a, lab) for a, lab, _ in fs if 0 not in lab]
         key = tuple(sorted((id(a), lab) for a, lab in E))
-        x = c * contract(X, range(1, k), n, self.mean.dtype)
-        if key in groups:
-            groups[key] = (groups[key][0], groups[key][1] + x)
-        else:
-            groups[key] = (E, x)
+        groups.setdefault(key, (E, []))[1].append((c, X, _tied_scale(fs) if k == 3 else None))
 
     # ---- consumers of k-slot slices
 

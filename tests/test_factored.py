@@ -361,15 +361,59 @@ def test_linear_writes_W_into_identity_chunks(k):
         [(jnp.asarray(rng.normal(size=(n, n))), jnp.asarray(rng.normal(size=(n,) * (k - 1))))], k, n
     )
     t = old.concat(refactor(slices, k, n, jnp.float64)).concat(leaves)
-    assert t.eye == ((0, n), (1, n), (1, 2 * n))
+    assert t.diag == ((0, n), (1, n), (1, 2 * n))
     plain = FactoredTensor(t.parts, t.legs, n, t.blocks)
     W = jnp.asarray(rng.normal(size=(n, m)))
     got, want = t.linear(W), plain.linear(W)
     for a, b in zip(got.parts, want.parts):
         np.testing.assert_allclose(a, b, rtol=1e-13, atol=1e-13)
-    assert got.eye == ()
+    assert got.diag == ()
     flops = lambda f: cj.jaxpr_flops(lambda w: f.linear(w).parts, W).matmul  # noqa: E731
     saved = flops(plain) - flops(t)
     assert saved == 3 * 2 * n * m * n
     first, rest = t.split_blocks(1)
-    assert first.eye == () and rest.eye == ((0, 0), (1, 0), (1, n))
+    assert first.diag == () and rest.diag == ((0, 0), (1, 0), (1, n))
+
+
+def test_tied_parts_and_diagonal_chunks_are_the_same_tensor():
+    """A part used twice (powers) and diagonal rank chunks: slices, linear map, leg scaling,
+    concatenation with an untied tensor and the diagonal-only slice path equal the explicit
+    tensor with the parts written out."""
+    n, m = 5, 4
+    rng = np.random.default_rng(7)
+    E, s, A, C = (jnp.asarray(rng.normal(size=sh)) for sh in [(n, n), (n,), (n, 2 * n), (n, 2 * n)])
+    leaves = lowrank.from_leaf_groups([(E, s)], 3, n, tied=True)
+    assert leaves.powers == (2, 1) and leaves.diag == ((1, 0),) and leaves._diagonal_part() == 1
+    # the same tensor with three independent parts: E (x) (s e) (x) E
+    plain = FactoredTensor([E, jnp.diag(s), E], (1, 1, 1), n)
+    tied = FactoredTensor([A, C], (1, 1), n, powers=(2, 1))
+    want_tied = FactoredTensor([A, A, C], (1, 1, 1), n)
+    for got, want in [(leaves, plain), (tied, want_tied)]:
+        np.testing.assert_allclose(got.dense(), _explicit(want), rtol=1e-12, atol=1e-12)
+        for pat in [(2, 1), (3,)]:
+            np.testing.assert_allclose(got.slice(pat), want.slice(pat), rtol=1e-12, atol=1e-12)
+    W, v = jnp.asarray(rng.normal(size=(n, m))), jnp.asarray(rng.normal(size=n))
+    np.testing.assert_allclose(leaves.linear(W).dense(), plain.linear(W).dense(), rtol=1e-11, atol=1e-12)
+    scaled = tied.scale_legs(v, 0.7)
+    np.testing.assert_allclose(scaled.dense(), want_tied.scale_legs(v, 0.7).dense(), rtol=1e-12, atol=1e-12)
+    both = tied.concat(leaves)
+    assert both.powers == (2, 1) and both.diag == ((1, 2 * n),)
+    mixed = plain.concat(tied)  # untied with tied: written out
+    assert mixed.powers == (1, 1, 1)
+    np.testing.assert_allclose(mixed.dense(), _explicit(plain) + _explicit(want_tied), rtol=1e-12, atol=1e-12)
+    # re-factored k = 3 slices are tied too (e_r e_r c_r)
+    assert refactor({(2, 1): zero_coincident(A[:, :n]), (3,): s}, 3, n, jnp.float64).powers == (2, 1)
+
+
+@pytest.mark.parametrize("kind,powers", [("simple", (2, 1)), ("augment", (1, 1, 1))])
+def test_k3_simple_top_is_stored_with_tied_legs(kind, powers):
+    """Every term of k3 simple's new top has two equal legs, found from the diagrams' factors;
+    augment's do not. The tied propagation equals the unfactored one (simple: same estimator)."""
+    n, L = 4, 4
+    spec, params = _random_net(3, n, L)
+    g = cj.Gaussian.standard(n, jnp.float64)
+    out = cj.propagate(params, spec, g, PropagationConfig(k_max=3, kind=kind, factored=True))
+    assert all(out[f"act{l}"][3].powers == powers for l in range(L - 1))
+    if kind == "simple":
+        dense = cj.propagate(params, spec, g, PropagationConfig(k_max=3))
+        np.testing.assert_allclose(out.mean(), dense.mean(), rtol=1e-11, atol=1e-13)
