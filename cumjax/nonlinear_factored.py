@@ -39,9 +39,11 @@ def _tied_scale(fs) -> list | None:
     """For a k = 3 term split at leaf slot 0 (neighbour 1): the factors on slot 1 alone that
     make its rest the leaf factor again, ``X[r, j] = s[r] E[j, r]`` (the factors touching 0 moved
     to slot 2, times ``s``), or None when the rest is not of that form."""
-    move = lambda lab, sym: (
-        tuple(sorted(2 if l == 0 else l for l in lab)) if sym else tuple(2 if l == 0 else l for l in lab)
-    )  # noqa: E731
+
+    def move(lab, sym):  # slot 0 -> 2 (a symmetric factor's labels stay sorted)
+        lab = tuple(2 if l == 0 else l for l in lab)
+        return tuple(sorted(lab)) if sym else lab
+
     wanted = Counter((id(a), move(lab, sym)) for a, lab, sym in fs if 0 in lab)
     scale = []
     for a, lab, _ in fs:
