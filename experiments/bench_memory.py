@@ -1,11 +1,13 @@
 """The memory model against XLA's own buffer assignment, without running anything.
 
-For every case of the config (width, depth, k_max, term set, factored, rank_layers, dtype) it
-compiles one jitted ``estimate_mean`` on abstract arguments and reads XLA's buffer assignment of
-the compiled program (arguments + outputs + temporaries, minus aliased bytes) next to
-:func:`cumjax.estimated_bytes`; the ratio model / XLA is the number to keep near 1 (above 1:
-the model refuses runs that fit; below 1: it admits runs that may not). Compiling a k4 augment
-program at width 256 takes minutes; nothing is allocated beyond the compiler's own memory.
+For every case of the config (width, depth, k_max, term set, factored, rank_layers, dtype, and
+``"scheduler": "memory"`` for XLA's memory-optimised CPU instruction scheduler, a compiler option
+of that one program, instead of its default) it compiles one jitted ``estimate_mean`` on abstract
+arguments and reads XLA's buffer assignment of the compiled program (arguments + outputs +
+temporaries, minus aliased bytes) next to :func:`cumjax.estimated_bytes`; the ratio model / XLA
+is the number to keep near 1 (above 1: the model refuses runs that fit; below 1: it admits runs
+that may not). Compiling a k4 augment program at width 256 takes about a minute; nothing is
+allocated beyond the compiler's own memory.
 
     python experiments/bench_memory.py --config configs/bench_memory.json --out results/
 """
@@ -22,9 +24,14 @@ from common import ResultStore, enable_x64, load_config, timed
 import cumjax as cj
 from cumjax import propagation
 
+# XLA's CPU scheduler orders the program's instructions, and so decides which n^3 working slices
+# are live at once; the default is tuned for concurrency, this one for memory.
+SCHEDULERS = {"memory": {"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}}
 
-def xla_bytes(spec: cj.MLPSpec, config: cj.PropagationConfig, dtype) -> int:
-    """Peak bytes of XLA's buffer assignment for ``jit(estimate_mean)`` (compiled, not run)."""
+
+def xla_bytes(spec: cj.MLPSpec, config: cj.PropagationConfig, dtype, compiler_options=None) -> int:
+    """Peak bytes of XLA's buffer assignment for ``jit(estimate_mean)`` (compiled with
+    ``compiler_options``, not run)."""
     params = jax.eval_shape(lambda k: cj.init_params(k, spec, dtype=dtype), jax.random.PRNGKey(0))
     n = spec.input_dim
     g = cj.Gaussian(jax.ShapeDtypeStruct((n,), dtype), jax.ShapeDtypeStruct((n, n), dtype))
@@ -32,7 +39,7 @@ def xla_bytes(spec: cj.MLPSpec, config: cj.PropagationConfig, dtype) -> int:
     # nothing is allocated, so the model's admission check (the thing measured) is not applied
     check, propagation.check_memory = propagation.check_memory, lambda *a: None
     try:
-        m = fn.lower(params, g).compile().memory_analysis()
+        m = fn.lower(params, g).compile(compiler_options=compiler_options).memory_analysis()
     finally:
         propagation.check_memory = check
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
@@ -48,6 +55,9 @@ def main(argv=None) -> dict:
     if any(jnp.dtype(c.get("dtype", "float32")).itemsize == 8 for c in cfg["cases"]):
         enable_x64()  # float32 cases keep float32 arguments, so their programs are unchanged
     print(f"{'case':<40}{'model GiB':>11}{'XLA GiB':>10}{'model/XLA':>11}{'compile s':>11}")
+    unknown = {c["scheduler"] for c in cfg["cases"] if c.get("scheduler") not in (None, *SCHEDULERS)}
+    if unknown:
+        raise ValueError(f"unknown scheduler {sorted(unknown)}; known: {sorted(SCHEDULERS)} (or none: XLA's default)")
     for case in cfg["cases"]:
         width, depth, dtype = int(case["width"]), int(case["depth"]), jnp.dtype(case.get("dtype", "float32"))
         config = cj.PropagationConfig(
@@ -57,11 +67,12 @@ def main(argv=None) -> dict:
             rank_layers=case.get("rank_layers"),
             output_degree=1,
         )
-        key = f"{config.name}/n{width}/L{depth}/{dtype.name}"
+        scheduler = case.get("scheduler")  # None: XLA's default
+        key = f"{config.name}/n{width}/L{depth}/{dtype.name}" + (f"/{scheduler}-scheduler" if scheduler else "")
         spec = cj.MLPSpec(width, width, width, depth, ("relu",) * (depth - 1))
 
-        def run(spec=spec, config=config, dtype=dtype, width=width, depth=depth):
-            xla, seconds = timed(lambda: xla_bytes(spec, config, dtype))
+        def run(spec=spec, config=config, dtype=dtype, width=width, depth=depth, opts=SCHEDULERS.get(scheduler)):
+            xla, seconds = timed(lambda: xla_bytes(spec, config, dtype, opts))
             model = cj.estimated_bytes(width, depth, config, dtype.itemsize)
             return dict(model_bytes=model, xla_bytes=xla, ratio=model / xla, compile_s=seconds)
 

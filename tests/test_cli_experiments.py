@@ -190,7 +190,12 @@ def test_bench_memory_smoke_compares_model_with_xla_and_resumes(tmp_path, monkey
     args = ["--config", os.path.join(ROOT, "configs", "bench_memory_smoke.json"), "--out", str(tmp_path)]
     data = bench_memory.main(args)
     keys = sorted(k for k in data["entries"] if k != "done")
-    assert keys == ["k2_augment/n8/L3/float32", "k3_simple_fac/n8/L3/float32", "k4_simple_fac/n8/L3/float64"]
+    assert keys == [
+        "k2_augment/n8/L3/float32",
+        "k3_simple_fac/n8/L3/float32",
+        "k3_simple_fac/n8/L3/float32/memory-scheduler",
+        "k4_simple_fac/n8/L3/float64",
+    ]
     for k in keys:
         r = data["entries"][k]
         assert r["xla_bytes"] > 0 and r["ratio"] == pytest.approx(r["model_bytes"] / r["xla_bytes"])
@@ -198,3 +203,7 @@ def test_bench_memory_smoke_compares_model_with_xla_and_resumes(tmp_path, monkey
     assert data["entries"]["k4_simple_fac/n8/L3/float64"]["xla_bytes"] >= 3 * 8 * 8 * 8
     monkeypatch.setattr(bench_memory, "xla_bytes", lambda *a: pytest.fail("recompiled a stored case"))
     assert bench_memory.main(args)["entries"] == data["entries"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"name": "bad", "cases": [{"width": 8, "depth": 3, "k_max": 3, "scheduler": "fast"}]}))
+    with pytest.raises(ValueError, match="unknown scheduler"):
+        bench_memory.main(["--config", str(bad), "--out", str(tmp_path)])

@@ -262,6 +262,14 @@ def test_mse_vs_depth_smoke_and_resume(tmp_path, monkeypatch):
                 sub = mvd.truncated(spec, q["layer"] + 1)
                 assert sub.num_layers == q["layer"] + 1 and q["flops"] == fl[q["layer"]]
                 assert q["forward_flops"] == cj.forward_flops(sub)
+            exact = data["entries"].get(f"n{w}/{config.name.replace(f'_fac{config.rank_layers}', '_fac')}", {})
+            if config.rank_layers is not None and exact.get("status") == "ok":  # paired against exact
+                assert [c["layer"] for c in r["truncation"]] == list(range(L))
+                for c, q, qe in zip(r["truncation"], r["layers"], exact["layers"]):
+                    d = np.mean(q["mse_per_network"]) - np.mean(qe["mse_per_network"])
+                    assert c["delta"] == pytest.approx(d, rel=1e-9, abs=1e-15)
+                assert r["truncation"][-1]["delta"] != 0  # the smoke net is deep enough to drop a block
+    assert any("truncation" in r for r in data["entries"].values())
     assert (tmp_path / "mse_vs_depth_smoke.png").stat().st_size > 0
     with monkeypatch.context() as m:
         _no_recompute(m)
@@ -282,6 +290,21 @@ def test_mse_vs_depth_smoke_and_resume(tmp_path, monkeypatch):
     got = mvd.main(["--config", CFG("mse_vs_depth_smoke"), "--out", str(only), "--no-progress", "--only", f"^{key}$"])
     assert {k for k in got["entries"] if not k.endswith("/truth")} == {key}
     assert json.dumps(got["entries"][key]["layers"]) == json.dumps(data["entries"][key]["layers"])
+
+
+def test_truncation_cost_closed_form():
+    """(t - g)^2 - (e - g)^2 per coordinate, averaged; relative to the exact excess."""
+    import mse_vs_depth as mvd
+
+    g = np.zeros((2, 2, 3))
+    e = np.ones_like(g)
+    t = e + np.array([0.5, 1.0])[:, None, None]  # network 0: +0.5, network 1: +1
+    rows = [dict(resolved=True, excess=2.0), dict(resolved=False, excess=0.1)]
+    c = mvd.truncation_cost(t, e, g, rows)
+    delta = np.mean([1.5**2 - 1, 2.0**2 - 1])
+    assert c[0]["delta"] == pytest.approx(delta) and c[0]["rel"] == pytest.approx(delta / 2.0)
+    assert c[0]["delta_se"] == pytest.approx(np.std([1.25, 3.0], ddof=1) / np.sqrt(2))
+    assert np.isnan(c[1]["rel"])  # no resolved exact MSE to compare with
 
 
 def test_mse_vs_depth_scores_a_diverged_layer():
