@@ -689,12 +689,12 @@ def refactor(slices: dict[tuple[int, ...], Array], k: int, n: int, dtype) -> Fac
         # + B_j[i,i])/6, (i,i,i,j) -> B_i[i,j]/2, (i,i,i,i) -> B_i[i,i].
         # The diagonal terms are scattered onto their n^2 entries, not broadcast over n^3.
         i = jnp.arange(n)
-        B = 6.0 * jnp.moveaxis(materialize(slices[(2, 1, 1)]), 0, -1)
+        B = 6.0 * jnp.moveaxis(slices[(2, 1, 1)], 0, -1)
         B = B.at[i, i, :].add(3.0 * slices[(2, 2)].T)  # B[a, a, r] += 3 S22[r, a]
         B = B.at[i, :, i].add(2.0 * slices[(3, 1)])  # B[r, b, r] += 2 S31[r, b]
         B = B.at[:, i, i].add(2.0 * slices[(3, 1)].T)  # B[a, r, r] += 2 S31[r, a]
         B = B.at[i, i, i].add(slices[(4,)])
-        return FactoredTensor((eye, materialize(B)), (1, 2), n, diag=((0, 0),), powers=(2, 1))
+        return FactoredTensor((eye, B), (1, 2), n, diag=((0, 0),), powers=(2, 1))
     raise ValueError(f"factored tensors exist for k = 3, 4, not {k}")
 
 
@@ -717,7 +717,7 @@ def from_leaf_groups(groups: Sequence[tuple[Array, Array]], k: int, n: int, tied
     def rest(X):
         if k == 3:
             return X.T
-        return materialize(0.5 * jnp.moveaxis(materialize(X + jnp.swapaxes(X, 1, 2)), 0, -1))
+        return 0.5 * jnp.moveaxis(materialize(X + jnp.swapaxes(X, 1, 2)), 0, -1)
 
     parts = [(E, eye, rest(X)) for E, X in groups]
     diag = tuple((1, g * n) for g in range(len(groups)))

@@ -49,7 +49,7 @@ def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, item
     copies, slices = {
         (3, "simple"): (3, 12),
         (3, "augment"): (6, 24),
-        (4, "simple"): (0.5, 22),
+        (4, "simple"): (0.5, 18),
         (4, "augment"): (0.95, 62),
     }[(k, config.kind)]
     live = copies * part * sum(live_ranks)
