@@ -162,16 +162,16 @@ def truncation_cost(bounded, exact, truth_mean, exact_rows) -> list[dict]:
     return out
 
 
-def add_truncation_costs(store, est_store, w: int, truth) -> None:
+def add_truncation_costs(cfg, store, est_store, w: int, truth) -> None:
     """Give every bounded-rank variant whose exact counterpart ran at width ``w`` its
     :func:`truncation_cost` (entry key ``truncation``), and print them."""
-    for key, r in list(store.entries.items()):
-        m = re.fullmatch(rf"n{w}/(k\d_\w+?)_fac(\d+)(_avg)?", key)
-        if not m or r.get("status") != "ok":
+    for config in variants(cfg):
+        if config.rank_layers is None:
             continue
-        exact_key = f"n{w}/{m.group(1)}_fac{m.group(3) or ''}"
-        ex, eb, ee = store.entries.get(exact_key), est_store.entries.get(key), est_store.entries.get(exact_key)
-        if not (ex and ex.get("status") == "ok" and eb and ee and eb.get("status") == ee.get("status") == "ok"):
+        key, exact_key = f"n{w}/{config.name}", f"n{w}/{dataclasses.replace(config, rank_layers=None).name}"
+        r, ex = store.entries.get(key), store.entries.get(exact_key)
+        eb, ee = est_store.entries.get(key), est_store.entries.get(exact_key)
+        if not all(x is not None and x.get("status") == "ok" for x in (r, ex, eb, ee)):
             continue
         arr = lambda x: np.asarray(x["estimates"], np.float64)  # noqa: E731  (None -> nan where diverged)
         cost = truncation_cost(arr(eb), arr(ee), truth[0], ex["layers"])
@@ -241,7 +241,7 @@ def run(cfg, args) -> dict:
                     ),
                 )
             print_row(store[key])
-        add_truncation_costs(store, est_store, w, truth)
+        add_truncation_costs(cfg, store, est_store, w, truth)
     plot(store, cfg, os.path.join(args.out, f"{name}.png"))
     print(f"\nwrote {store.path} and {name}.png")
     return store.data
