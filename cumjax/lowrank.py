@@ -3,8 +3,9 @@ estimator (ARC, arXiv 2605.05179, "factored" variant).
 
 * :class:`FactoredTensor` stores a symmetric degree-d tensor as ``Sym(sum_r (x)_p parts[p][..., r])``:
   k = 3 uses three ``(n, R)`` parts (CP form), k = 4 two ``(n, R)`` vectors and one symmetric
-  ``(n, n, R)`` matrix per rank (every term the k = 4 step creates has a rank-one pair of legs, so
-  only one part is ``n^2 R``). Memory O(n R) / O(n^2 R) instead of O(n^d).
+  ``(n, n)`` matrix per rank, stored rank-major as ``(R, n, n)`` (every term the k = 4 step creates
+  has a rank-one pair of legs, so only one part is ``n^2 R``). Memory O(n R) / O(n^2 R) instead of
+  O(n^d).
 * :class:`Net` is a sum of tensor networks over ``m`` slot indices: the top-degree slices of the
   nonlinear step are built as networks (products of block slices and per-neuron vectors) and only
   ever contracted to at most ``m - 1`` free indices or converted to factored form, never
@@ -34,6 +35,18 @@ _LETTERS = string.ascii_letters
 _RANK = 1 << 20  # labels >= this are rank indices of factored tensors (slot labels are small ints)
 _fresh = itertools.count(100)  # internal labels of networks (fresh per network built)
 _fresh_rank = itertools.count(_RANK + 1)
+
+
+def _rank_axis(p) -> int:
+    """The rank axis of a part: last for ``(n, R)`` vectors, first for the ``(R, n, n)`` matrices
+    (rank-major, so a rank block is a contiguous run of n x n matrices: the linear map, block
+    concatenation and re-factoring move whole matrices, never a strided rank column)."""
+    return 0 if p.ndim == 3 else p.ndim - 1
+
+
+def _part_labels(p, legs: tuple, rank) -> tuple:
+    """The labels of part ``p``'s axes: its legs' and ``rank`` on its rank axis."""
+    return (rank,) + tuple(legs) if _rank_axis(p) == 0 else tuple(legs) + (rank,)
 
 
 _rank_mesh: contextvars.ContextVar = contextvars.ContextVar("rank_mesh", default=None)
@@ -130,7 +143,7 @@ def _subscripts(factors, out) -> str:
 def _canonical(factors, kept) -> tuple[tuple, tuple[int, ...]]:
     """A key equal for contractions equal up to renaming summed labels, the order of the factors
     and a permutation of the output, and that permutation (canonical output axis i is ``kept[perm[i]]``).
-    (n, n, R) factors are symmetric in their two leading legs (every FactoredTensor part is)."""
+    (R, n, n) factors are symmetric in their two legs (every FactoredTensor part is)."""
     best = None
     for perm in itertools.permutations(range(len(kept))):
         pos = {kept[p]: i for i, p in enumerate(perm)}
@@ -139,8 +152,8 @@ def _canonical(factors, kept) -> tuple[tuple, tuple[int, ...]]:
         key = []
         for a, lab in order:
             mapped = [pos[l] if l in pos else summed.setdefault(l, 100 + len(summed)) for l in lab]
-            if a.ndim == 3 and lab[-1] >= _RANK:
-                mapped[:2] = sorted(mapped[:2])
+            if a.ndim == 3 and lab[0] >= _RANK:
+                mapped[1:] = sorted(mapped[1:])
             key.append((id(a), tuple(mapped)))
         key = (len(kept), tuple(key))
         if best is None or key < best[0]:
@@ -206,14 +219,14 @@ def rank_gemm_plan(labels: Sequence[tuple[int, ...]], kept: tuple[int, ...], r: 
     # Operand order and axis orders: the GEMM's (P, Q) output is transposed to ``kept``; one that
     # keeps the minor axis in place is a cheap copy of rows, one that moves it is a strided gather
     # (several times slower on CPU, and fused into every consumer). A side of several factors
-    # takes any order; a lone (n, n, R) factor either order of its two legs (symmetric, as
+    # takes any order; a lone (R, n, n) factor either order of its two legs (symmetric, as
     # :func:`_canonical` assumes).
     def orders(side, f):
         lab = items[side[0]][1]
         if len(side) > 1:
             return [tuple(l for l in kept if l in f)]
         own = tuple(l for l in lab if l != r)
-        sym = len(own) == 2 and lab[-1] == r and len(items[side[0]][0]) == 1  # as in _canonical
+        sym = len(own) == 2 and lab[0] == r and len(items[side[0]][0]) == 1  # as in _canonical
         return [own, own[::-1]] if sym else [own]
 
     def cost(got):
@@ -233,30 +246,45 @@ def _run_rank_gemm(plan: RankGemm, arrays: Sequence[Array], labels, kept, r: int
     """Evaluate :func:`rank_gemm_plan` on ``arrays`` (the labelled factors); ``(dims of kept)``."""
     items = [((i,), (a, tuple(lab))) for i, (a, lab) in enumerate(zip(arrays, labels))]
     for idx, merged in plan.premerge:  # in the order (and item order) rank_gemm_plan made them
-        carrying = [f for ids, f in items if set(ids) <= set(idx)]
+        carrying = [_summed_leg_minor(f, merged) if len(ids) == 1 else f for ids, f in items if set(ids) <= set(idx)]
+        carrying.sort(key=lambda f: -f[0].size)  # the big factor as the product's left operand
         items = [it for it in items if not set(it[0]) <= set(idx)] + [(idx, (_plain_einsum(carrying, merged), merged))]
     factors = [f for _, f in items]
     dims = {l: a.shape[lab.index(l)] for a, lab in factors for l in lab}
 
     def operand(side, out, block):
+        """The side's ``(P, ranks)`` operand, or ``(ranks, P)`` when it holds a rank-major factor
+        (built in that factor's layout); and the axis of its ranks."""
         fs = [factors[i] for i in side]
         if block is not None:
             fs = [(jax.lax.dynamic_slice_in_dim(a, *block, lab.index(r)), lab) for a, lab in fs]
-        if len(fs) == 1 and fs[0][0].ndim == 3 and fs[0][1] == (out[1], out[0], r):
+        major = any(a.ndim == 3 and lab[0] == r for a, lab in fs)
+        if len(fs) == 1 and major and fs[0][1] == (r, out[1], out[0]):
             x = fs[0][0]  # symmetric in its two legs: the other order is the same array
         else:
-            x = _plain_einsum(fs, out + (r,))
-        return jnp.reshape(x, (math.prod(dims[l] for l in out), x.shape[-1]))
+            x = _plain_einsum(fs, (r,) + out if major else out + (r,))
+        P = math.prod(dims[l] for l in out)
+        return (jnp.reshape(x, (x.shape[0], P)), 0) if major else (jnp.reshape(x, (P, x.shape[-1])), 1)
 
     def gemm(block=None):
-        a, b = operand(plan.left, plan.left_labels, block), operand(plan.right, plan.right_labels, block)
-        return jax.lax.dot_general(a, b, (((1,), (1,)), ((), ())))
+        (a, ra), (b, rb) = operand(plan.left, plan.left_labels, block), operand(plan.right, plan.right_labels, block)
+        return jax.lax.dot_general(a, b, (((ra,), (rb,)), ((), ())))
 
     R = dims[r]
     out = _sum_over_rank_blocks(gemm, R, _rank_chunk(R, n) if plan.blocked else R)
     got = plan.left_labels + plan.right_labels
     out = jnp.reshape(out, tuple(dims[l] for l in got))
     return jnp.transpose(out, tuple(got.index(l) for l in kept))
+
+
+def _summed_leg_minor(factor, out):
+    """A rank-major (R, n, n) factor (symmetric in its legs) labelled so that a leg summed away
+    (not in ``out``) is its minor axis: summing it is then a matrix product of the factor as it
+    lies (as the left operand), where the middle axis would make XLA transpose the whole factor."""
+    a, lab = factor
+    if a.ndim == 3 and lab[0] >= _RANK and lab[1] not in out and lab[2] in out:
+        return a, (lab[0], lab[2], lab[1])
+    return factor
 
 
 def _sum_over_rank_blocks(term, R: int, c: int) -> Array:
@@ -274,20 +302,26 @@ def _plain_einsum(factors, out) -> Array:
 def _summed_over_rank_blocks(factors, kept: tuple[int, ...], n: int) -> Array:
     """The labelled factors contracted onto ``kept``, summing their largest rank index: as one
     or a loop of matrix products (:func:`rank_gemm_plan`) where the factors split into two sides,
-    else by einsum, looping over blocks of the rank where (n, n, R) factors are involved (split
+    else by einsum, looping over blocks of the rank where (R, n, n) factors are involved (split
     over the devices of the active rank mesh, if any)."""
     expr = _subscripts(factors, kept)
     sizes = {l: a.shape[lab.index(l)] for a, lab in factors for l in lab if l >= _RANK}
     r = max(sizes, key=sizes.get) if sizes else None
     labels = [lab for _, lab in factors]
     plan = None if r is None else rank_gemm_plan(labels, tuple(kept), r)
-    # Without a plan: only (n, n, R) factors (k = 4) make n^2 R temporaries worth bounding; with
+    # Without a plan: only (R, n, n) factors (k = 4) make n^2 R temporaries worth bounding; with
     # (n, R) factors alone (k = 3) one einsum over the whole rank takes the cheaper contraction order.
     blocked = any(a.ndim >= 3 for a, lab in factors if any(l >= _RANK for l in lab))
+    # ... and where every other label is kept (e.g. sum_r a_ir b_jr B_rij) no GEMM exists and
+    # einsum's batched product would transpose the rank-major factor to put r minor: summed rank
+    # by rank instead, reading each n x n matrix where it lies
+    by_rank = plan is None and blocked and all(set(lab) <= set(kept) | {r} for lab in labels)
 
     def summed(*arrays):
         if plan is not None:
             return _run_rank_gemm(plan, arrays, labels, tuple(kept), r, n)
+        if by_rank:
+            return _rank_by_rank(arrays, labels, tuple(kept), r)
         if r is None or not blocked:
             return jnp.einsum(expr, *arrays, optimize="auto")
         axes = [lab.index(r) if r in lab else None for lab in labels]
@@ -304,62 +338,109 @@ def _summed_over_rank_blocks(factors, kept: tuple[int, ...], n: int) -> Array:
     return _sharded(summed, factors, r, None)
 
 
+def _rank_by_rank(arrays, labels, kept: tuple[int, ...], r: int, unroll: int = 8) -> Array:
+    """``sum_r prod_f F_f[..r..]`` for factors whose labels other than ``r`` are all in ``kept``: a
+    loop accumulating one elementwise product per rank (``unroll`` ranks per step)."""
+    dims = {l: a.shape[lab.index(l)] for a, lab in zip(arrays, labels) for l in lab}
+    R = dims[r]
+    u = max(c for c in range(1, unroll + 1) if R % c == 0)
+
+    def at(a, lab, i):  # the factor at rank i, its axes placed on kept
+        x = jax.lax.dynamic_index_in_dim(a, i, lab.index(r), keepdims=False)
+        own = [l for l in lab if l != r]
+        x = jnp.transpose(x, sorted(range(len(own)), key=lambda t: kept.index(own[t])))
+        return jnp.reshape(x, [dims[l] if l in own else 1 for l in kept])
+
+    def step(s, acc):
+        for i in range(u):
+            acc = acc + math.prod(at(a, lab, s * u + i) for a, lab in zip(arrays, labels))
+        return acc
+
+    dtype = jnp.result_type(*arrays)
+    return jax.lax.fori_loop(0, R // u, step, jnp.zeros(tuple(dims[l] for l in kept), dtype))
+
+
 def _take_diagonals(a: Array, labels: tuple[int, ...]) -> tuple[Array, tuple[int, ...]]:
     """Resolve repeated labels of one operand by strided slicing of the flattened pair of axes
-    (much cheaper on CPU than einsum's generic repeated-index handling)."""
+    (much cheaper on CPU than einsum's generic repeated-index handling). The pair is moved to
+    the front, or to the back unless it leads already: no transpose of a rank-major (R, n, n)
+    factor read on its diagonal."""
     while len(set(labels)) < len(labels):
         i = next(t for t in range(len(labels)) if labels[t] in labels[:t])
         j = labels.index(labels[i])
         n = a.shape[j]
-        a = jnp.moveaxis(a, (j, i), (0, 1))
-        a = jnp.reshape(a, (n * n,) + a.shape[2:])[:: n + 1]
-        labels = (labels[j],) + tuple(l for t, l in enumerate(labels) if t not in (i, j))
+        rest = tuple(l for t, l in enumerate(labels) if t not in (i, j))
+        if (j, i) == (0, 1):
+            a = jnp.reshape(a, (n * n,) + a.shape[2:])[:: n + 1]
+            labels = (labels[j],) + rest
+        else:
+            a = jnp.moveaxis(a, (j, i), (-2, -1))
+            a = jnp.reshape(a, a.shape[:-2] + (n * n,))[..., :: n + 1]
+            labels = rest + (labels[j],)
     return a, labels
 
 
 def _map_rank_blocks(f, p: Array, n: int) -> Array:
-    """``f`` applied to blocks of the last (rank) axis of ``p``, written into one output (each
+    """``f`` applied to blocks of the rank axis of ``p``, written into one output (each
     device's share of the ranks in place under an active rank mesh)."""
 
     def mapped(p):
-        R = p.shape[-1]
+        ax = _rank_axis(p)
+        R = p.shape[ax]
         c = _rank_chunk(R, n)
         if c == R:
             return f(p)
-        ax = p.ndim - 1
 
         def step(src):  # block i of src mapped into block i of out
             return lambda i, out: jax.lax.dynamic_update_slice_in_dim(
                 out, f(jax.lax.dynamic_slice_in_dim(out if src is None else src, i * c, c, ax)), i * c, ax
             )
 
-        block = jax.eval_shape(f, jax.ShapeDtypeStruct(p.shape[:-1] + (c,), p.dtype))
-        if block.shape == p.shape[:-1] + (c,) and block.dtype == p.dtype:
+        shape = p.shape[:ax] + (c,) + p.shape[ax + 1 :]
+        block = jax.eval_shape(f, jax.ShapeDtypeStruct(shape, p.dtype))
+        if block.shape == shape and block.dtype == p.dtype:
             # each block is read before it is overwritten, so XLA can map p in place when p is
             # dead afterwards (the pre-linear top is): no second n^2 R buffer
             return jax.lax.fori_loop(0, R // c, step(None), p)
-        out = jnp.zeros(block.shape[:-1] + (R,), block.dtype)
+        out = jnp.zeros(block.shape[:ax] + (R,) + block.shape[ax + 1 :], block.dtype)
         return jax.lax.fori_loop(0, R // c, step(p), out)
 
     return _on_rank_shards(mapped, p)
 
 
 def _concat_ranks(arrays: Sequence[Array]) -> Array:
-    """``concatenate(arrays, axis=-1)`` written as in-place updates of one buffer: XLA fuses each
-    operand's producer (a leg scaling, say) into its update, where a concatenate would first
-    materialise every operand (one more n^2 R copy of the inherited top at k = 4)."""
-    out = jnp.zeros(arrays[0].shape[:-1] + (sum(a.shape[-1] for a in arrays),), arrays[0].dtype)
+    """Parts concatenated along their rank axis, written as in-place updates of one buffer: XLA
+    fuses each operand's producer (a leg scaling, say) into its update, where a concatenate would
+    first materialise every operand (one more n^2 R copy of the inherited top at k = 4)."""
+    ax = _rank_axis(arrays[0])
+    shape = list(arrays[0].shape)
+    shape[ax] = sum(a.shape[ax] for a in arrays)
+    out = jnp.zeros(shape, arrays[0].dtype)
     start = 0
     for a in arrays:
-        out = jax.lax.dynamic_update_slice_in_dim(out, a, start, out.ndim - 1)
-        start += a.shape[-1]
+        out = jax.lax.dynamic_update_slice_in_dim(out, a, start, ax)
+        start += a.shape[ax]
     return out
 
 
+def _rank_range(p: Array, start: int, stop: int | None) -> Array:
+    """Ranks ``start:stop`` of a part."""
+    return p[start:stop] if _rank_axis(p) == 0 else p[..., start:stop]
+
+
+def _congruence(B: Array, W: Array) -> Array:
+    """``W^T B_r W`` for symmetric ``B (R, n, n)``: ``C_r = B_r W`` is one matrix product over the
+    given ranks; ``C_r^T W`` is the result transposed, and symmetric, so it is written in the
+    layout the contraction produces (rank, C's free axis, W's), with no transpose."""
+    R, n, _ = B.shape
+    C = jnp.reshape(jnp.reshape(B, (R * n, n)) @ W, (R, n, W.shape[1]))
+    return jnp.einsum("rad,ac->rdc", C, W)
+
+
 def _on_rank_shards(f, p: Array) -> Array:
-    """``f(p)`` for an ``f`` acting rank by rank on the last axis: on each device's share of the
+    """``f(p)`` for an ``f`` acting rank by rank on the rank axis: on each device's share of the
     ranks in place under an active rank mesh."""
-    return _sharded(f, [(p, (0,) * (p.ndim - 1) + (_RANK,))], _RANK, p.ndim - 1)
+    return _sharded(f, [(p, _part_labels(p, (0,) * (p.ndim - 1), _RANK))], _RANK, _rank_axis(p))
 
 
 def _tie(labels: tuple, owner: tuple[int, ...]) -> tuple:
@@ -454,7 +535,7 @@ class FactoredTensor:
 
     @property
     def rank(self) -> int:
-        return self.parts[0].shape[-1]
+        return self.parts[0].shape[_rank_axis(self.parts[0])]
 
     @property
     def owner(self) -> tuple[int, ...]:
@@ -507,7 +588,7 @@ class FactoredTensor:
         """``(oldest num_old blocks, the rest)``: two tensors that sum to this one (the first
         has rank 0 when num_old is 0)."""
         r = sum(self.blocks[:num_old])
-        old, new = ([p[..., :r] for p in self.parts], [p[..., r:] for p in self.parts])
+        old, new = ([_rank_range(p, 0, r) for p in self.parts], [_rank_range(p, r, None) for p in self.parts])
         assert all(o + self.n <= r or o >= r for _, o in self.diag), "a diagonal chunk straddles the split"
         return (
             self._with(old, self.blocks[:num_old], tuple(e for e in self.diag if e[1] < r)),
@@ -524,10 +605,8 @@ class FactoredTensor:
                 parts.append(_linear_of_diagonal_chunks(W, p, chunks))
             elif l == 1:
                 parts.append(_on_rank_shards(lambda b: W.T @ b, p))
-            else:  # (n, n, R): W^T B_r W for every rank, one block of ranks at a time
-                parts.append(
-                    _map_rank_blocks(lambda b: jnp.einsum("abr,ac,bd->cdr", b, W, W, optimize="auto"), p, self.n)
-                )
+            else:  # (R, n, n): W^T B_r W for every rank, one block of ranks at a time
+                parts.append(_map_rank_blocks(lambda b: _congruence(b, W), p, self.n))
         return FactoredTensor(parts, self.legs, W.shape[1], self.blocks, powers=self.powers)
 
     def scale_legs(self, v: Array, coef=1.0) -> FactoredTensor:
@@ -537,13 +616,14 @@ class FactoredTensor:
         parts = []
         for i, (p, l) in enumerate(zip(self.parts, self.legs)):
             for t in range(l):
-                p = p * jnp.reshape(v, [self.n if s == t else 1 for s in range(l)] + [1])
+                p = p * jnp.reshape(v, _part_labels(p, [self.n if s == t else 1 for s in range(l)], 1))
             parts.append(p * coef if i == once else p)
         return self._with(parts)
 
     def _factors(self, labels) -> list:
-        """``(array, slot labels + (rank,))`` of every factor of the outer product."""
-        return [(self.parts[p], lab + (_RANK,)) for p, lab in zip(self.owner, labels)]
+        """``(array, slot labels and the rank label on the part's rank axis)`` of every factor of
+        the outer product."""
+        return [(self.parts[p], _part_labels(self.parts[p], lab, _RANK)) for p, lab in zip(self.owner, labels)]
 
     def slice(self, pattern: Sequence[int], memo: dict | None = None) -> Array:
         """Entries at distinct neurons repeated ``pattern`` times: ``(n,)*len(pattern)``
@@ -562,12 +642,17 @@ class FactoredTensor:
             s = labels[at][0]
             for o in range(0, self.rank, self.n):
                 fs = [
-                    (a[..., o : o + self.n], tuple(s if l == _RANK else l for l in lab))
+                    (_rank_range(a, o, o + self.n), tuple(s if l == _RANK else l for l in lab))
                     for a, lab in self._factors(labels)
                 ]
                 fs[at] = (jnp.diagonal(fs[at][0]), (s,))
                 total = total + w * contract(fs, range(m), self.n, dtype, memo)
-        return sum(jnp.transpose(total, p) for p in perms) / len(perms) if len(perms) > 1 else total
+        if len(perms) == 1:
+            return total
+        # a sum of transposed contraction outputs, read again through the permutations: computed
+        # once into its own buffer, not recomputed per permutation with strided reads
+        total = materialize(total)
+        return sum(jnp.transpose(total, p) for p in perms) / len(perms)
 
     def _diagonal_part(self) -> int | None:
         """A one-leg part whose ranks are all diagonal chunks (a fresh leaf or re-factored block), if any."""
@@ -587,7 +672,13 @@ class FactoredTensor:
         for w, labels in _assignments(legs, (1,) * self.degree, self.owner):
             r = next(_fresh_rank)
             terms.append(
-                (w, tuple((a, tuple(slots[s] for s in lab[:-1]) + (r,), False) for a, lab in self._factors(labels)))
+                (
+                    w,
+                    tuple(
+                        (a, tuple(r if s == _RANK else slots[s] for s in lab), False)
+                        for a, lab in self._factors(labels)
+                    ),
+                )
             )
         return Net(m, terms)
 
@@ -689,10 +780,10 @@ def refactor(slices: dict[tuple[int, ...], Array], k: int, n: int, dtype) -> Fac
         # + B_j[i,i])/6, (i,i,i,j) -> B_i[i,j]/2, (i,i,i,i) -> B_i[i,i].
         # The diagonal terms are scattered onto their n^2 entries, not broadcast over n^3.
         i = jnp.arange(n)
-        B = 6.0 * jnp.moveaxis(slices[(2, 1, 1)], 0, -1)
-        B = B.at[i, i, :].add(3.0 * slices[(2, 2)].T)  # B[a, a, r] += 3 S22[r, a]
-        B = B.at[i, :, i].add(2.0 * slices[(3, 1)])  # B[r, b, r] += 2 S31[r, b]
-        B = B.at[:, i, i].add(2.0 * slices[(3, 1)].T)  # B[a, r, r] += 2 S31[r, a]
+        B = 6.0 * slices[(2, 1, 1)]  # rank-major: B[r] = B_r
+        B = B.at[:, i, i].add(3.0 * slices[(2, 2)])  # B[r, a, a] += 3 S22[r, a]
+        B = B.at[i, i, :].add(2.0 * slices[(3, 1)])  # B[r, r, b] += 2 S31[r, b]
+        B = B.at[i, :, i].add(2.0 * slices[(3, 1)])  # B[r, a, r] += 2 S31[r, a]
         B = B.at[i, i, i].add(slices[(4,)])
         return FactoredTensor((eye, B), (1, 2), n, diag=((0, 0),), powers=(2, 1))
     raise ValueError(f"factored tensors exist for k = 3, 4, not {k}")
@@ -717,7 +808,10 @@ def from_leaf_groups(groups: Sequence[tuple[Array, Array]], k: int, n: int, tied
     def rest(X):
         if k == 3:
             return X.T
-        return 0.5 * jnp.moveaxis(materialize(X + jnp.swapaxes(X, 1, 2)), 0, -1)
+        # rank-major: X[r] is the r-th matrix. Buffers for X (read twice, once transposed) and the
+        # result (read by the slices through transposes and diagonals)
+        X = materialize(X)
+        return materialize(0.5 * (X + jnp.swapaxes(X, 1, 2)))
 
     parts = [(E, eye, rest(X)) for E, X in groups]
     diag = tuple((1, g * n) for g in range(len(groups)))

@@ -9,7 +9,7 @@ from .config import PropagationConfig
 # Rank added per hidden layer, in units of the width, by the factored top cumulant (counted from
 # the construction; the first hidden layer starts at 2n): leaf groups of the hypertree diagrams plus n for the
 # re-factored non-top slices. tests/test_factored.py checks these against the real ranks.
-_FACTORED_RANK_GROWTH = {(3, "simple"): 2, (4, "simple"): 2, (3, "augment"): 8, (4, "augment"): 10}
+_FACTORED_RANK_GROWTH = {(3, "simple"): 2, (4, "simple"): 2, (3, "augment"): 7, (4, "augment"): 10}
 
 
 def factored_ranks(width: int, num_layers: int, config: PropagationConfig) -> list[int]:
@@ -43,13 +43,14 @@ def estimated_bytes(width: int, num_layers: int, config: PropagationConfig, item
     # jit, so the two layers before it are the largest live ones.
     live_ranks = ranks[-2:] if everything or len(ranks) < 2 else ranks[-3:-1]
     # Per (k, term set): live copies of those factors (contractions are summed over blocks of n
-    # ranks, so their temporaries are small) and order k-1 working slices (at k = 4 the n^3 slices
-    # of the step, not the factors, are most of the peak until the rank passes ~50n); calibrated on
-    # XLA's buffer assignment (README, "Memory"; experiments/bench_memory.py).
+    # ranks, so their temporaries are small) and order k-1 working slices (k4 augment: the n^3
+    # slices of the step, not the factors, are most of the peak until the rank passes ~50n; k4
+    # simple: few slices, mostly the factors); calibrated on XLA's buffer assignment (README,
+    # "Memory"; experiments/bench_memory.py).
     copies, slices = {
         (3, "simple"): (3, 12),
         (3, "augment"): (6, 24),
-        (4, "simple"): (0.5, 18),
+        (4, "simple"): (0.95, 5),
         (4, "augment"): (0.95, 62),
     }[(k, config.kind)]
     live = copies * part * sum(live_ranks)

@@ -85,11 +85,18 @@ class RadialTensor:
 
 def diagonal(core: Array, slot_of_axis: Sequence[int], m: int, n: int) -> Array:
     """``out[i_1..i_m] = core[i_{slot_of_axis[0]}, i_{slot_of_axis[1]}, ...]``, broadcast over the
-    slots no axis names: a generalized diagonal read by one gather (O(n^m), not O(n^ndim))."""
+    slots no axis names: a generalized diagonal by strided views and one transpose (O(n^m), not
+    O(n^ndim); a gather would build an (n,)*m x ndim index array)."""
     if not slot_of_axis:
         return core
-    ar = jnp.arange(n)
-    return core[tuple(jnp.reshape(ar, [n if t == j else 1 for t in range(m)]) for j in slot_of_axis)]
+    labels = list(slot_of_axis)
+    while len(set(labels)) < len(labels):  # two axes of one slot: their diagonal, moved last
+        i = next(t for t in range(len(labels)) if labels[t] in labels[:t])
+        j = labels.index(labels[i])
+        core = jnp.diagonal(core, axis1=j, axis2=i)
+        labels = [l for t, l in enumerate(labels) if t not in (i, j)] + [labels[i]]
+    core = jnp.transpose(core, sorted(range(len(labels)), key=lambda t: labels[t]))
+    return jnp.reshape(core, [n if j in labels else 1 for j in range(m)])
 
 
 def place(x: Array, slots: Sequence[int], m: int, n: int) -> Array:

@@ -58,9 +58,9 @@ def _random_factored(k, n, R, key):
     ks = jax.random.split(key, 3)
     if k == 3:
         return FactoredTensor([jax.random.normal(ks[i], (n, R)) for i in range(3)], (1, 1, 1), n)
-    B = jax.random.normal(ks[2], (n, n, R))
+    B = jax.random.normal(ks[2], (R, n, n))  # rank-major
     return FactoredTensor(
-        [jax.random.normal(ks[0], (n, R)), jax.random.normal(ks[1], (n, R)), B + jnp.swapaxes(B, 0, 1)], (1, 1, 2), n
+        [jax.random.normal(ks[0], (n, R)), jax.random.normal(ks[1], (n, R)), B + jnp.swapaxes(B, 1, 2)], (1, 1, 2), n
     )
 
 
@@ -70,9 +70,12 @@ def _explicit(F):
     import math
 
     letters, subs = iter("abcdefgh"), []
-    for l in F.legs:
-        subs.append("".join(next(letters) for _ in range(l)) + "r")
-    t = np.einsum(",".join(subs) + "->" + "".join(c for s in subs for c in s[:-1]), *map(np.asarray, F.parts))
+    for l in F.legs:  # (n, R) vectors, rank-major (R, n, n) matrices
+        own = "".join(next(letters) for _ in range(l))
+        subs.append("r" + own if l == 2 else own + "r")
+    t = np.einsum(
+        ",".join(subs) + "->" + "".join(c for s in subs for c in s.replace("r", "")), *map(np.asarray, F.parts)
+    )
     d = t.ndim
     return sum(np.transpose(t, p) for p in itertools.permutations(range(d))) / math.factorial(d)
 
@@ -107,32 +110,32 @@ def test_contract_memo_reads_back_only_equal_contractions():
     n, R, r = 4, 3, lowrank._RANK
     u, v, B = _random_factored(4, n, R, jax.random.PRNGKey(3)).parts
     memo = {}
-    a = contract([(u, (0, r)), (v, (1, r)), (B, (0, 2, r))], (0, 1, 2), n, jnp.float64, memo)
-    np.testing.assert_allclose(a, np.einsum("ir,jr,ilr->ijl", u, v, B), rtol=1e-12)
+    a = contract([(u, (0, r)), (v, (1, r)), (B, (r, 0, 2))], (0, 1, 2), n, jnp.float64, memo)
+    np.testing.assert_allclose(a, np.einsum("ir,jr,ril->ijl", u, v, B), rtol=1e-12)
     # the same contraction with other labels, factor order, output order and B's (symmetric) legs
     # swapped: read back, transposed
-    b = contract([(B, (7, 5, r + 3)), (v, (6, r + 3)), (u, (5, r + 3))], (6, 7, 5), n, jnp.float64, memo)
+    b = contract([(B, (r + 3, 7, 5)), (v, (6, r + 3)), (u, (5, r + 3))], (6, 7, 5), n, jnp.float64, memo)
     assert len(memo) == 1
-    np.testing.assert_allclose(b, np.einsum("ir,jr,ilr->jli", u, v, B), rtol=1e-12)
+    np.testing.assert_allclose(b, np.einsum("ir,jr,ril->jli", u, v, B), rtol=1e-12)
     # u and v exchanged, or a diagonal of B: different contractions, computed
-    c = contract([(u, (1, r)), (v, (0, r)), (B, (0, 2, r))], (0, 1, 2), n, jnp.float64, memo)
-    d = contract([(u, (1, r)), (v, (2, r)), (B, (0, 0, r))], (0, 1, 2), n, jnp.float64, memo)
+    c = contract([(u, (1, r)), (v, (0, r)), (B, (r, 0, 2))], (0, 1, 2), n, jnp.float64, memo)
+    d = contract([(u, (1, r)), (v, (2, r)), (B, (r, 0, 0))], (0, 1, 2), n, jnp.float64, memo)
     assert len(memo) == 3
-    np.testing.assert_allclose(c, np.einsum("jr,ir,ilr->ijl", u, v, B), rtol=1e-12)
-    np.testing.assert_allclose(d, np.einsum("jr,lr,iir->ijl", u, v, B), rtol=1e-12)
+    np.testing.assert_allclose(c, np.einsum("jr,ir,ril->ijl", u, v, B), rtol=1e-12)
+    np.testing.assert_allclose(d, np.einsum("jr,lr,rii->ijl", u, v, B), rtol=1e-12)
 
 
 @pytest.mark.parametrize(
     "expr, kind",
     [
-        ("ar,ar,bcr->abc", "one GEMM"),  # the (n, n, R) factor alone on one side: no temporary, not blocked
+        ("ar,ar,rbc->abc", "one GEMM"),  # the (R, n, n) factor alone on one side: no temporary, not blocked
         ("ar,br,cr->cab", "blocked"),  # Khatri-Rao side (n^2, ranks)
-        ("ar,br,acr->abc", "blocked"),  # a per-rank scaled (n, n, R) side
-        ("ar,br,bcr->bac", "blocked"),
-        ("x,br,xr,der->bde", "one GEMM"),  # a vector first summed into the ranks (premerge)
-        ("x,br,dr,xer->bde", "blocked"),  # ... or into the (n, n, R) factor
-        ("ar,br,cdr->abcd", "blocked"),
-        ("ar,br,abr->ab", None),  # no split with disjoint sides: einsum
+        ("ar,br,rac->abc", "blocked"),  # a per-rank scaled (R, n, n) side
+        ("ar,br,rbc->bac", "blocked"),
+        ("x,br,xr,rde->bde", "one GEMM"),  # a vector first summed into the ranks (premerge)
+        ("x,br,dr,rxe->bde", "blocked"),  # ... or into the (R, n, n) factor
+        ("ar,br,rcd->abcd", "blocked"),
+        ("ar,br,rab->ab", None),  # no split with disjoint sides: einsum
     ],
 )
 def test_rank_gemm_plan_equals_einsum(expr, kind):
@@ -143,7 +146,7 @@ def test_rank_gemm_plan_equals_einsum(expr, kind):
     kept = tuple(code[c] for c in out)
     rng = np.random.default_rng(0)
     arrays = [jnp.asarray(rng.normal(size=tuple(R if c == "r" else n for c in s))) for s in ins.split(",")]
-    arrays = [(a + jnp.swapaxes(a, 0, 1)) / 2 if a.ndim == 3 else a for a in arrays]  # (n, n, R): symmetric
+    arrays = [(a + jnp.swapaxes(a, 1, 2)) / 2 if a.ndim == 3 else a for a in arrays]  # (R, n, n): symmetric
     plan = lowrank.rank_gemm_plan(labels, kept, r)
     assert (plan is None) == (kind is None)
     if plan is not None:
@@ -351,9 +354,9 @@ def test_linear_writes_W_into_identity_chunks(k):
     concat and split keep the chunks' offsets."""
     n, m = 6, 5
     rng = np.random.default_rng(3)
-    sym = lambda a: a + np.swapaxes(a, 0, 1)  # noqa: E731
+    sym = lambda a: a + np.swapaxes(a, 1, 2)  # noqa: E731
     old_parts = [rng.normal(size=(n, n)), rng.normal(size=(n, n))]
-    old_parts.append(rng.normal(size=(n, n)) if k == 3 else sym(rng.normal(size=(n, n, n))))
+    old_parts.append(rng.normal(size=(n, n)) if k == 3 else sym(rng.normal(size=(n, n, n))))  # rank-major
     old = FactoredTensor([jnp.asarray(p) for p in old_parts], lowrank.legs_for(k), n)
     slices = {b: jnp.asarray(rng.normal(size=(n,) * len(b))) for b in dg.int_partitions(k) if len(b) < k}
     slices = {b: zero_coincident(a) if len(b) > 1 else a for b, a in slices.items()}

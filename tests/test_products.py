@@ -57,3 +57,17 @@ def test_paths_become_one_batched_contraction():
     ]
     (group,) = products.plan(terms, n)
     assert group.signature == ((0, 1), (1, 2)) and group.count == 7 and group.flops == 2 * 7 * n**3
+
+
+@pytest.mark.parametrize("count", [12, 40])
+@pytest.mark.parametrize("sig", [((0, 1), (0, 2)), ((0, 1), (1, 2)), ((0, 2), (1, 2))])
+def test_groups_summed_or_contracted_by_output_order(sig, count):
+    """A stacked contraction whose output is already in slot order is used from 8 terms; one
+    that would need a transpose only from 32 (broadcast products below): both equal the sum."""
+    in_order = sig == ((0, 1), (0, 2))
+    assert products._min_stack(sig) == (products._MIN_STACK if in_order else products._MIN_STACK_TRANSPOSED)
+    rng = np.random.default_rng(count)
+    n = 4
+    terms = [(float(rng.normal()), [(jnp.asarray(rng.normal(size=(n, n))), s) for s in sig]) for _ in range(count)]
+    got = products.evaluate(terms, 3, n, jnp.float64)
+    np.testing.assert_allclose(np.asarray(got), _direct(terms, 3, n), rtol=1e-12, atol=1e-12)
