@@ -44,6 +44,11 @@ def _rank_axis(p) -> int:
     return 0 if p.ndim == 3 else p.ndim - 1
 
 
+def _rank_major(a, lab) -> bool:
+    """Whether a labelled factor is a rank-major (R, n, n) part: symmetric in its two legs."""
+    return a.ndim == 3 and lab[0] >= _RANK
+
+
 def _part_labels(p, legs: tuple, rank) -> tuple:
     """The labels of part ``p``'s axes: its legs' and ``rank`` on its rank axis."""
     return (rank,) + tuple(legs) if _rank_axis(p) == 0 else tuple(legs) + (rank,)
@@ -106,7 +111,7 @@ def contract_pieces(
     """The contraction of :func:`contract` as :mod:`cumjax.products` pieces ``(array, labels)``:
     the factors joined by summed labels contracted into one piece, the others (no summed label)
     left as they are, to be multiplied in with the other terms of a sum."""
-    factors = [_take_diagonals(a, tuple(lab)) for a, lab in factors]
+    factors = [take_diagonals(a, tuple(lab)) for a, lab in factors]
     out = tuple(out)
     summed = {l for _, lab in factors for l in lab if l not in out}
     if not summed:
@@ -129,7 +134,7 @@ def contract_pieces(
 
 
 def _einsum(factors, kept, n: int) -> Array:
-    return _summed_over_rank_blocks([_take_diagonals(a, lab) for a, lab in factors], tuple(kept), n)
+    return _summed_over_rank_blocks([take_diagonals(a, lab) for a, lab in factors], tuple(kept), n)
 
 
 def _subscripts(factors, out) -> str:
@@ -152,7 +157,7 @@ def _canonical(factors, kept) -> tuple[tuple, tuple[int, ...]]:
         key = []
         for a, lab in order:
             mapped = [pos[l] if l in pos else summed.setdefault(l, 100 + len(summed)) for l in lab]
-            if a.ndim == 3 and lab[0] >= _RANK:
+            if _rank_major(a, lab):
                 mapped[1:] = sorted(mapped[1:])
             key.append((id(a), tuple(mapped)))
         key = (len(kept), tuple(key))
@@ -258,7 +263,7 @@ def _run_rank_gemm(plan: RankGemm, arrays: Sequence[Array], labels, kept, r: int
         fs = [factors[i] for i in side]
         if block is not None:
             fs = [(jax.lax.dynamic_slice_in_dim(a, *block, lab.index(r)), lab) for a, lab in fs]
-        major = any(a.ndim == 3 and lab[0] == r for a, lab in fs)
+        major = any(_rank_major(a, lab) for a, lab in fs)
         if len(fs) == 1 and major and fs[0][1] == (r, out[1], out[0]):
             x = fs[0][0]  # symmetric in its two legs: the other order is the same array
         else:
@@ -282,7 +287,7 @@ def _summed_leg_minor(factor, out):
     (not in ``out``) is its minor axis: summing it is then a matrix product of the factor as it
     lies (as the left operand), where the middle axis would make XLA transpose the whole factor."""
     a, lab = factor
-    if a.ndim == 3 and lab[0] >= _RANK and lab[1] not in out and lab[2] in out:
+    if _rank_major(a, lab) and lab[1] not in out and lab[2] in out:
         return a, (lab[0], lab[2], lab[1])
     return factor
 
@@ -360,7 +365,7 @@ def _rank_by_rank(arrays, labels, kept: tuple[int, ...], r: int, unroll: int = 8
     return jax.lax.fori_loop(0, R // u, step, jnp.zeros(tuple(dims[l] for l in kept), dtype))
 
 
-def _take_diagonals(a: Array, labels: tuple[int, ...]) -> tuple[Array, tuple[int, ...]]:
+def take_diagonals(a: Array, labels: tuple[int, ...]) -> tuple[Array, tuple[int, ...]]:
     """Resolve repeated labels of one operand by strided slicing of the flattened pair of axes
     (much cheaper on CPU than einsum's generic repeated-index handling). The pair is moved to
     the front, or to the back unless it leads already: no transpose of a rank-major (R, n, n)

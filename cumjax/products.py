@@ -137,16 +137,15 @@ def evaluate(terms: Sequence[Term], m: int, n: int, dtype, labels: tuple[int, ..
 
 
 def _min_stack(sig) -> int:
-    """Fewest terms of signature ``sig`` worth a stacked contraction. Its output comes in
-    (shared slots, free slots) order; unless that is already slot order, the transpose to it is
-    fused into every consumer as strided reads of the whole array, slower than the broadcast
-    products of a few terms (k4 simple factored, width 256, 4 layers: 3.4 -> 3.05 s with its
-    9-term groups summed)."""
+    """Fewest terms of signature ``sig`` worth a stacked contraction. Its output (see
+    :func:`_contract_pairs`) comes in (shared slots, free slots of the first, of the second) order;
+    unless that is already slot order, the transpose to it is fused into every consumer as strided
+    reads of the whole array, slower than the broadcast products of a few terms (k4 simple
+    factored, width 256, 4 layers: 3.4 -> 3.05 s with its 9-term groups summed)."""
     s1, s2 = sig
     shared = sorted(set(s1) & set(s2))
-    free1, free2 = [s for s in s1 if s not in shared], [s for s in s2 if s not in shared]
-    in_order = any(shared + a + b == sorted(set(s1) | set(s2)) for a, b in ((free1, free2), (free2, free1)))
-    return _MIN_STACK if in_order else _MIN_STACK_TRANSPOSED
+    order = shared + [s for s in s1 + s2 if s not in shared]
+    return _MIN_STACK if order == sorted(order) else _MIN_STACK_TRANSPOSED
 
 
 def _sum_products(members) -> tuple[Array, tuple[int, ...]]:

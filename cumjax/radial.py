@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from . import diagrams as dg
+from .lowrank import take_diagonals
 
 Array = jax.Array
 _LETTERS = string.ascii_letters
@@ -89,12 +90,7 @@ def diagonal(core: Array, slot_of_axis: Sequence[int], m: int, n: int) -> Array:
     O(n^ndim); a gather would build an (n,)*m x ndim index array)."""
     if not slot_of_axis:
         return core
-    labels = list(slot_of_axis)
-    while len(set(labels)) < len(labels):  # two axes of one slot: their diagonal, moved last
-        i = next(t for t in range(len(labels)) if labels[t] in labels[:t])
-        j = labels.index(labels[i])
-        core = jnp.diagonal(core, axis1=j, axis2=i)
-        labels = [l for t, l in enumerate(labels) if t not in (i, j)] + [labels[i]]
+    core, labels = take_diagonals(core, tuple(slot_of_axis))  # axes of one slot: their diagonal
     core = jnp.transpose(core, sorted(range(len(labels)), key=lambda t: labels[t]))
     return jnp.reshape(core, [n if j in labels else 1 for j in range(m)])
 
